@@ -1,0 +1,39 @@
+# `make test` and `make demo` set up everything they need on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   := /usr/share/datasets/fashion-mnist
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+data:
+	@if [ ! -d $(DATA) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing at $(DATA); install the Debian package dataset-fashion-mnist"; fi; \
+	fi
+
+test: setup data
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+demo: setup data
+	$(VENV)/bin/largebatch demo
+
+bench: setup
+	$(PY) benchmarks/optimizer_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,151 @@
+"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"), per tensor w, gradient g:
+
+    m <- b1*m + (1-b1)*g;   v <- b2*v + (1-b2)*g^2
+    u  = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + e) + b*w
+    r  = ||w|| / ||u||      (r = 1 when either norm is 0, or when the group has lars_adapt=False)
+    w <- w - lr * r * u
+
+Weight decay is decoupled (added to the Adam direction, not to the gradient). The step count
+is a tensor on the parameters' device, so bias correction never reads back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim._common import (
+    check_lr,
+    check_nonnegative,
+    collect_grads,
+    group_by_device_and_dtype,
+    safe_ratio,
+    tensor_norms,
+)
+
+__all__ = ["LAMB"]
+
+
+class LAMB(Optimizer):
+    """Layer-wise adaptive moments for large batches (the same group options as LARS).
+
+    Args:
+        params: parameters or groups; per group ``lars_adapt`` and ``weight_decay``.
+        lr: learning rate (float or 0-dim tensor).
+        betas: (b1, b2) for the first and second moments.
+        eps: e, added to the root of the second moment.
+        weight_decay: b, decoupled.
+        foreach: multi-tensor path (default True); False runs one tensor at a time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+        check_nonnegative("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lars_adapt=True,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Apply one LAMB update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = collect_grads(group, self.state, ("exp_avg", "exp_avg_sq"))
+            if not params:
+                continue
+            steps = []
+            for p in params:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                steps.append(st["step"])
+            update = _single_tensor_lamb if group["foreach"] is False else _multi_tensor_lamb
+            update(
+                params, grads, [b[0] for b in buffers], [b[1] for b in buffers], steps,
+                lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                weight_decay=group["weight_decay"], adapt=group["lars_adapt"],
+            )
+        return loss
+
+
+def _direction(m: Tensor, v: Tensor, step: Tensor, betas: tuple[float, float], eps: float) -> Tensor:
+    b1, b2 = betas
+    bias1 = 1 - torch.pow(b1, step)
+    bias2 = 1 - torch.pow(b2, step)
+    return (m / bias1) / ((v / bias2).sqrt() + eps)
+
+
+def _single_tensor_lamb(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    weight_decay: float, adapt: bool,
+) -> None:
+    b1, b2 = betas
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step.add_(1)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        u = _direction(m, v, step.to(p.dtype), betas, eps)
+        if weight_decay != 0:
+            u.add_(p, alpha=weight_decay)
+        rate: float | Tensor = lr
+        if adapt:
+            w_norm = torch.linalg.vector_norm(p, dtype=torch.float32)
+            u_norm = torch.linalg.vector_norm(u, dtype=torch.float32)
+            rate = safe_ratio(w_norm, u_norm, w_norm, u_norm) * lr
+        p.sub_(u * rate)
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    weight_decay: float, adapt: bool,
+) -> None:
+    b1, b2 = betas
+    for ps, gs, ms, vs, ts in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+        torch._foreach_add_(ts, 1)
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, gs, alpha=1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        step = torch.stack(ts).to(ps[0].dtype)
+        bias1 = list((1 - torch.pow(b1, step)).unbind(0))
+        root_bias2 = list((1 - torch.pow(b2, step)).sqrt().unbind(0))
+        # (m / bias1) / (sqrt(v) / sqrt(bias2) + eps), the same value as _direction
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, root_bias2)
+        torch._foreach_add_(denom, eps)
+        u = torch._foreach_div(ms, bias1)
+        torch._foreach_div_(u, denom)
+        if weight_decay != 0:
+            torch._foreach_add_(u, ps, alpha=weight_decay)
+        if adapt:
+            w_norm = tensor_norms(ps, foreach=True)
+            u_norm = tensor_norms(u, foreach=True)
+            rates = list((safe_ratio(w_norm, u_norm, w_norm, u_norm) * lr).unbind(0))
+            torch._foreach_mul_(u, rates)
+        else:
+            torch._foreach_mul_(u, lr)
+        torch._foreach_sub_(ps, u)
