@@ -26,14 +26,22 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and ratios in float64 for float64 tensors, else float32 (also for bf16/fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tensor_norm(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dtype=accumulation_dtype(t.dtype))
+
+
 def tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> Tensor:
-    """Per-tensor L2 norms as one float32 (or float64) vector, without leaving the device."""
+    """Per-tensor L2 norms as one vector, without leaving the device."""
     if not tensors:
         return torch.empty(0)
-    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     if foreach:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc))
-    return torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in tensors])
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype)))
+    return torch.stack([tensor_norm(t) for t in tensors])
 
 
 def safe_ratio(numerator: Tensor, denominator: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from largebatch.optim._common import (
     collect_grads,
     group_by_device_and_dtype,
     safe_ratio,
+    tensor_norm,
     tensor_norms,
 )
 
@@ -112,8 +113,7 @@ def _single_tensor_lamb(
             u.add_(p, alpha=weight_decay)
         rate: float | Tensor = lr
         if adapt:
-            w_norm = torch.linalg.vector_norm(p, dtype=torch.float32)
-            u_norm = torch.linalg.vector_norm(u, dtype=torch.float32)
+            w_norm, u_norm = tensor_norm(p), tensor_norm(u)
             rate = safe_ratio(w_norm, u_norm, w_norm, u_norm) * lr
         p.sub_(u * rate)
 

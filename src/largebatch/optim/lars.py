@@ -24,11 +24,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largebatch.optim._common import (
+    accumulation_dtype,
     check_lr,
     check_nonnegative,
     collect_grads,
     group_by_device_and_dtype,
     safe_ratio,
+    tensor_norm,
     tensor_norms,
 )
 
@@ -100,12 +102,14 @@ class LARS(Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
+        self._aliases: dict[Tensor, Tensor] = {}  # fused path: flat aliases of params and buffers
         for group in self.param_groups:
             check_lr(group["lr"])
             check_nonnegative("weight_decay", group["weight_decay"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._aliases = {}
         for group in self.param_groups:
             group.setdefault("lars_adapt", True)
             group.setdefault("clip", False)
@@ -127,8 +131,10 @@ class LARS(Optimizer):
             if not params:
                 continue
             bufs = [b[0] for b in buffers] if has_momentum else None
+            extra = {}
             if group["fused"]:
                 update = _fused_lars
+                extra = {"aliases": self._aliases}
             elif group["foreach"] is False:
                 update = _single_tensor_lars
             else:
@@ -145,6 +151,7 @@ class LARS(Optimizer):
                 nesterov=group["nesterov"],
                 clip=group["clip"],
                 adapt=group["lars_adapt"],
+                **extra,
             )
         return loss
 
@@ -167,14 +174,7 @@ def _single_tensor_lars(
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         rate: float | Tensor = lr
         if adapt:
-            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-            r = lars_trust_ratio(
-                torch.linalg.vector_norm(p, dtype=acc),
-                torch.linalg.vector_norm(g, dtype=acc),
-                trust_coefficient,
-                weight_decay,
-                eps,
-            )
+            r = lars_trust_ratio(tensor_norm(p), tensor_norm(g), trust_coefficient, weight_decay, eps)
             if clip:
                 r = r.clamp(max=1.0)
             rate = r * lr
@@ -205,7 +205,11 @@ def _multi_tensor_lars(
     clip: bool,
     adapt: bool,
 ) -> None:
-    """The same update as ``_single_tensor_lars`` with one kernel launch per operation."""
+    """The same update as ``_single_tensor_lars`` with one kernel launch per operation.
+
+    Written as scaled accumulations (addcmul with per-tensor rate c = lr*r) so that no temporary
+    the size of the model is allocated: 13 memory passes with momentum and weight decay.
+    """
     lists = (params, grads) if bufs is None else (params, grads, bufs)
     for bucket in group_by_device_and_dtype(*lists):
         ps, gs = bucket[0], bucket[1]
@@ -219,77 +223,103 @@ def _multi_tensor_lars(
             )
             if clip:
                 r = r.clamp(max=1.0)
-            rates: list[Tensor] | float | Tensor = list((r * lr).unbind(0))
+            c = (r * lr).to(ps[0].dtype)
         else:
-            rates = lr
-        if weight_decay != 0:
-            d = torch._foreach_add(gs, ps, alpha=weight_decay)
-            _foreach_scale_(d, rates)
-        else:
-            d = _foreach_scaled(gs, rates)
-        if bufs is None:
-            torch._foreach_sub_(ps, d)
+            c = torch.as_tensor(lr, dtype=ps[0].dtype, device=ps[0].device).expand(len(ps))
+        if bufs is None or nesterov:
+            # w <- w - c*(g + b*w) [- m*v_new]: the decay as a rescaling of w, then the gradient
+            if bufs is not None:
+                vs = bucket[2]
+                torch._foreach_mul_(vs, momentum)
+                torch._foreach_addcmul_(vs, gs, list(c.unbind(0)))
+                torch._foreach_addcmul_(vs, ps, list((c * weight_decay).unbind(0)))
+            if weight_decay != 0:
+                torch._foreach_mul_(ps, list((1 - c * weight_decay).unbind(0)))
+            torch._foreach_addcmul_(ps, gs, list((-c).unbind(0)))
+            if bufs is not None:
+                torch._foreach_add_(ps, bucket[2], alpha=-momentum)
             continue
         vs = bucket[2]
         torch._foreach_mul_(vs, momentum)
-        torch._foreach_add_(vs, d)
-        if nesterov:
-            torch._foreach_add_(d, vs, alpha=momentum)
-            torch._foreach_sub_(ps, d)
-        else:
-            torch._foreach_sub_(ps, vs)
-
-
-def _foreach_scale_(tensors: list[Tensor], rates: list[Tensor] | float | Tensor) -> None:
-    torch._foreach_mul_(tensors, rates)
-
-
-def _foreach_scaled(tensors: list[Tensor], rates: list[Tensor] | float | Tensor) -> list[Tensor]:
-    return list(torch._foreach_mul(tensors, rates))
+        torch._foreach_addcmul_(vs, gs, list(c.unbind(0)))
+        if weight_decay != 0:
+            torch._foreach_addcmul_(vs, ps, list((c * weight_decay).unbind(0)))
+        torch._foreach_sub_(ps, vs)
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused path: one compiled kernel per tensor. Hyper-parameters travel as a tensor so that a
-# single compiled graph (dynamic in the tensor's length) serves every group and every step.
+# Fused path: one compiled kernel per tensor. Hyper-parameters travel as a tensor and tensors as
+# flat aliases of their storage, so one graph (dynamic in the length) serves every group, shape
+# and step: [lr, m, b, eta, e, adapt, clip, nesterov].
 
 
-def _fused_body(p: Tensor, g: Tensor, v: Tensor | None, hyper: Tensor, nesterov: bool) -> None:
-    lr, momentum, wd, eta, eps, adapt, clip = hyper.unbind(0)
-    acc = hyper.dtype
-    w_norm = torch.linalg.vector_norm(p, dtype=acc)
-    g_norm = torch.linalg.vector_norm(g, dtype=acc)
+def _fused_rate(p: Tensor, g: Tensor, hyper: Tensor) -> tuple[Tensor, ...]:
+    lr, momentum, wd, eta, eps, adapt, clip, nesterov = hyper.unbind(0)
+    w_norm = torch.linalg.vector_norm(p, dtype=hyper.dtype)
+    g_norm = torch.linalg.vector_norm(g, dtype=hyper.dtype)
     r = safe_ratio(eta * w_norm, g_norm + wd * w_norm + eps, w_norm, g_norm)
     r = torch.where(clip > 0, r.clamp(max=1.0), r)
     r = torch.where(adapt > 0, r, torch.ones_like(r))
-    step = ((lr * r) * (g.to(acc) + wd * p.to(acc))).to(p.dtype)
-    if v is None:
-        p.sub_(step)
-        return
-    new_v = momentum.to(v.dtype) * v + step
+    step = ((lr * r) * (g.to(hyper.dtype) + wd * p.to(hyper.dtype))).to(p.dtype)
+    return step, momentum.to(p.dtype), nesterov
+
+
+def _fused_with_momentum(p: Tensor, g: Tensor, v: Tensor, hyper: Tensor) -> None:
+    step, momentum, nesterov = _fused_rate(p, g, hyper)
+    new_v = momentum * v + step
     v.copy_(new_v)
-    if nesterov:
-        p.sub_(step + momentum.to(v.dtype) * new_v)
-    else:
-        p.sub_(new_v)
+    p.sub_(torch.where(nesterov > 0, step + momentum * new_v, new_v))
 
 
-_compiled_body: Callable[..., None] | None = None
+def _fused_without_momentum(p: Tensor, g: Tensor, hyper: Tensor) -> None:
+    step, _, _ = _fused_rate(p, g, hyper)
+    p.sub_(step)
 
 
-def _fused_kernel() -> Callable[..., None]:
-    global _compiled_body
-    if _compiled_body is None:
-        _compiled_body = torch.compile(_fused_body, dynamic=True, fullgraph=True)
-    return _compiled_body
+_kernels: dict[tuple[str, torch.device, torch.dtype], Callable[..., None]] = {}
+_SIZE_HINT = 1 << 20  # elements: the first trace's size decides whether inductor emits parallel loops
 
 
-def _flat(t: Tensor) -> Tensor | None:
-    """A 1-D view over a dense tensor (contiguous or permuted, e.g. channels_last), else None."""
-    if t.is_contiguous():
-        return t.view(-1)
+def _kernel(with_momentum: bool, device: torch.device, dtype: torch.dtype) -> Callable[..., None]:
+    """Compiled lazily, once per process and kind of tensor; dynamic in the tensor length.
+
+    The first call traces a scratch tensor of ``_SIZE_HINT`` elements: traced on a small layer,
+    inductor would emit single-threaded loops and use them for the large layers too.
+    """
+    key = ("momentum" if with_momentum else "plain", device, dtype)
+    if key not in _kernels:
+        body = _fused_with_momentum if with_momentum else _fused_without_momentum
+        kernel = torch.compile(body, dynamic=True)
+        acc = accumulation_dtype(dtype)
+        scratch = [torch.zeros(_SIZE_HINT, dtype=dtype, device=device) for _ in range(2 + with_momentum)]
+        kernel(*scratch, torch.zeros(8, dtype=acc, device=device))
+        _kernels[key] = kernel
+    return _kernels[key]
+
+
+def _flat_alias(t: Tensor) -> Tensor | None:
+    """A 1-D tensor over the same memory as a dense t (contiguous or permuted, e.g. channels_last).
+
+    It is a fresh tensor on t's storage rather than a view, so the compiled graph does not
+    specialise on the shape of the original. None when t is not dense.
+    """
     order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    permuted = t.permute(order)
-    return permuted.view(-1) if permuted.is_contiguous() else None
+    if not t.permute(order).is_contiguous():
+        return None
+    flat = torch.empty(0, dtype=t.dtype, device=t.device)
+    return flat.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def _cached_alias(t: Tensor, aliases: dict[Tensor, Tensor] | None) -> Tensor | None:
+    """The flat alias of a long-lived tensor (parameter, buffer), rebuilt if its memory moved."""
+    if aliases is None:
+        return _flat_alias(t)
+    alias = aliases.get(t)
+    if alias is None or alias.data_ptr() != t.data_ptr() or alias.numel() != t.numel():
+        alias = _flat_alias(t)
+        if alias is not None:
+            aliases[t] = alias
+    return alias
 
 
 def _fused_lars(
@@ -305,37 +335,30 @@ def _fused_lars(
     nesterov: bool,
     clip: bool,
     adapt: bool,
+    aliases: dict[Tensor, Tensor] | None = None,
 ) -> None:
-    kernel = _fused_kernel()
+    options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                   eps=eps, nesterov=nesterov, clip=clip, adapt=adapt)
     hypers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        v = bufs[i] if bufs is not None else None
-        same_layout = g.stride() == p.stride() and (v is None or v.stride() == p.stride())
-        flat = [_flat(t) for t in (p, g)] + [_flat(v) if v is not None else None]
-        if not same_layout or flat[0] is None or flat[1] is None or (v is not None and flat[2] is None):
-            _single_tensor_lars(
-                [p], [g], None if v is None else [v], lr=lr, momentum=momentum,
-                weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
-                nesterov=nesterov, clip=clip, adapt=adapt,
-            )
+        tensors = (p, g) if bufs is None else (p, g, bufs[i])
+        flats = [_cached_alias(t, aliases) if t is not g else _flat_alias(t) for t in tensors]
+        if any(f is None for f in flats) or any(t.stride() != p.stride() for t in tensors):
+            _single_tensor_lars([p], [g], None if bufs is None else [bufs[i]], lr=lr, **options)
             continue
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(p.dtype)
         key = (p.device, acc)
         if key not in hypers:
-            hypers[key] = _hyper_tensor(lr, momentum, weight_decay, trust_coefficient, eps,
-                                        adapt, clip, p.device, acc)
-        kernel(flat[0], flat[1], flat[2], hypers[key], nesterov)
+            hypers[key] = _hyper_tensor(lr, options, p.device, acc)
+        _kernel(bufs is not None, p.device, p.dtype)(*flats, hypers[key])
 
 
-def _hyper_tensor(
-    lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float,
-    eps: float, adapt: bool, clip: bool, device: torch.device, dtype: torch.dtype,
-) -> Tensor:
-    """[lr, m, b, eta, e, adapt, clip] on the parameters' device, built without a host sync."""
-    rest = torch.tensor(
-        [momentum, weight_decay, trust_coefficient, eps, float(adapt), float(clip)], dtype=dtype
-    ).to(device, non_blocking=True)
-    lr_t = lr.to(device=device, dtype=dtype).reshape(1) if isinstance(lr, Tensor) else (
-        torch.full((1,), lr, dtype=dtype, device=device)
-    )
+def _hyper_tensor(lr: float | Tensor, options: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The fused kernel's hyper-parameters on the parameters' device, built without a host sync."""
+    names = ("momentum", "weight_decay", "trust_coefficient", "eps", "adapt", "clip", "nesterov")
+    rest = torch.tensor([float(options[n]) for n in names], dtype=dtype).to(device, non_blocking=True)
+    if isinstance(lr, Tensor):
+        lr_t = lr.to(device=device, dtype=dtype).reshape(1)
+    else:
+        lr_t = torch.full((1,), lr, dtype=dtype, device=device)
     return torch.cat([lr_t, rest])
