@@ -1,39 +1,173 @@
-"""Command line: `largebatch train | demo | sweep | plan | bench`."""
+"""Command line: `largebatch train | demo` (and, as they land, `sweep | plan | bench`).
+
+Every mistake a user can make ends in one line on stderr, ``largebatch: error: ...``, and exit
+status 2; a diverged run exits 3, a pre-empted one (SIGTERM) 143 after writing its checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 from largebatch import __version__
 
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 143
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit status 2."""
+# plain flags for the common keys: flag -> (dotted key, type, help)
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model.name", str, "model name (see docs/models_and_data.md)"),
+    "--data": ("data.name", str, "dataset: fashion_mnist, imagefolder or synthetic"),
+    "--data-dir": ("data.root", str, "dataset directory"),
+    "--batch-size": ("batch_size", int, "global batch size (all processes, all accumulation steps)"),
+    "--micro-batch": ("micro_batch", int, "per-process micro-batch; accumulation = batch / (world x micro)"),
+    "--epochs": ("epochs", int, "epochs to train"),
+    "--optimizer": ("optim.name", str, "lars (default), lamb or sgd (linear scaling + warm-up baseline)"),
+    "--lr": ("optim.lr", float, "peak learning rate after warm-up (before a scaling rule, if any)"),
+    "--warmup-epochs": ("schedule.warmup_epochs", float, "linear warm-up length in epochs"),
+    "--out": ("out", str, "run directory"),
+    "--seed": ("seed", int, "seed for initialisation, data order and augmentation"),
+    "--precision": ("precision", str, "auto, fp32, bf16 or fp16"),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML config (see configs/)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override any config key, dotted (e.g. optim.trust_coefficient=0.002); repeatable")
+    for flag, (key, tp, text) in TRAIN_FLAGS.items():
+        parser.add_argument(flag, type=tp, dest=key.replace(".", "__"), help=f"{text} [{key}]")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue from a checkpoint, or from the newest valid one in the run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="largebatch",
-        description="Train image classifiers with very large mini-batches (LARS, warm-up, poly decay).",
+        description="Train image classifiers with very large mini-batches (LARS, warm-up, poly decay). "
+        "Run under torchrun for several processes or hosts.",
     )
     parser.add_argument("--version", action="version", version=f"largebatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    sub.add_parser("demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)")
+    train = sub.add_parser(
+        "train", help="train from a config file and overrides",
+        description="Train a model. Every config key can be set with --set KEY=VALUE; the common ones "
+        "also have flags. Allowed keys: see configs/ and `largebatch train --keys`.",
+    )
+    add_train_arguments(train)
+    train.add_argument("--keys", action="store_true", help="list every config key with its default, then exit")
+    demo = sub.add_parser(
+        "demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)",
+        description="Fashion-MNIST, a small ResNet, LARS at global batch 8192 with warm-up and poly(2) decay.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="run directory (replaced on each demo run)")
+    demo.add_argument("--epochs", type=int, help="fewer or more epochs than the recipe's")
+    demo.add_argument("--data-dir", help="Fashion-MNIST directory")
+    demo.add_argument("--no-progress", action="store_true", help="no progress line")
+    for register in _extra_commands():
+        register(sub)
     return parser
+
+
+def _extra_commands() -> list[Any]:
+    return []
+
+
+def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from largebatch.config import parse_override
+
+    pairs = []
+    for key, _, _ in TRAIN_FLAGS.values():
+        value = getattr(args, key.replace(".", "__"), None)
+        if value is not None:
+            pairs.append((key, value))
+    pairs += [parse_override(item) for item in args.set]
+    if args.no_progress:
+        pairs.append(("progress", False))
+    return pairs
+
+
+def _print_keys() -> None:
+    import dataclasses
+
+    from largebatch.config import TrainConfig
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                print(f"{prefix}{f.name} = {value!r}")
+
+    walk(TrainConfig(), "")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from largebatch.config import load_config
+    from largebatch.trainer import train
+
+    if args.keys:
+        _print_keys()
+        return 0
+    config = load_config(args.config, _overrides(args))
+    train(config, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from largebatch.demo import demo_config
+    from largebatch.trainer import train
+
+    config = demo_config(out=args.out, epochs=args.epochs, data_dir=args.data_dir, progress=not args.no_progress)
+    result = train(config, overwrite=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
+        print(f"final top-1 accuracy: {result.top1:.2f}%")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from largebatch.checkpoint import CheckpointError
+    from largebatch.config import ConfigError
+    from largebatch.data import DataError
+    from largebatch.distributed import shutdown
+    from largebatch.models import build_model  # noqa: F401  (import errors surface here, not mid-run)
+    from largebatch.trainer import DivergenceError, Preempted
+
+    handlers = {"train": run_train, "demo": run_demo}
+    handlers.update(getattr(args, "handlers", {}))
     try:
-        if args.command == "demo":
-            raise UserError("the demo needs the trainer, which is not built yet; nothing was trained")
-    except UserError as err:
-        print(f"largebatch: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return handlers[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ValueError) as err:
+        _error(err)
+        return EXIT_USER_ERROR
+    except DivergenceError as err:
+        _error(err)
+        return EXIT_DIVERGED
+    except Preempted as err:
+        _error(err)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    finally:
+        shutdown()
+
+
+def _error(err: object) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}] " if rank else ""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"largebatch: error: {prefix}{message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Checkpoints that survive crashes: atomic writes, an integrity check, loading that runs no code.
+
+Each checkpoint is ``step_NNNNNNNN.pt`` with a ``.sha256`` beside it. Both are written to
+temporary files, fsynced and renamed, the digest last, so a checkpoint counts only once it is
+complete. Nothing is overwritten in place: older checkpoints are pruned only after a newer one
+is complete. Loading uses ``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or trusted; the message names the path."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically with its SHA-256 beside it."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, data)
+        _atomic_write(path.with_suffix(path.suffix + ".sha256"), f"{digest}  {path.name}\n".encode())
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept"
+        ) from None
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless the file exists and matches its recorded SHA-256."""
+    path = Path(path)
+    sidecar = path.with_suffix(path.suffix + ".sha256")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    try:
+        expected = sidecar.read_text().split()[0]
+    except (OSError, IndexError):
+        raise CheckpointError(
+            f"checkpoint {path} has no integrity record ({sidecar.name}); it may be incomplete"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (SHA-256 does not match {sidecar.name})")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify, then load with ``weights_only=True``: tensors and plain data only, never code."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError, by torch version
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds more than weights and plain data ({first[:160]})"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a largebatch checkpoint")
+    return payload
+
+
+def step_checkpoints(directory: str | Path) -> list[Path]:
+    """``step_*.pt`` files in the directory, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def step_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def newest_valid(directory: str | Path, warn: Any = None) -> Path | None:
+    """The newest checkpoint that passes its integrity check; bad ones are reported and skipped."""
+    for path in reversed(step_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            if warn is not None:
+                warn(f"{err}; trying the previous one")
+    return None
+
+
+def prune(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (with their digests)."""
+    for path in step_checkpoints(directory)[:-keep] if keep > 0 else []:
+        for victim in (path, path.with_suffix(path.suffix + ".sha256")):
+            with contextlib.suppress(FileNotFoundError):
+                victim.unlink()

@@ -1,0 +1,506 @@
+"""The training loop: one program for one CPU process, one GPU, or many processes under torchrun.
+
+Global batch = world size x micro-batch x accumulation steps. Gradients are averaged over the
+global batch (each micro-batch's mean loss / accumulation, then DDP's mean over ranks), and DDP
+all-reduces only on the last micro-batch of a step (``no_sync`` before), so results do not depend
+on how the global batch is split. The learning rate is a pure function of the global step and
+the data order a pure function of (seed, epoch, step); dropout is reseeded from (seed, rank,
+step) each step. A checkpoint therefore needs only weights, optimizer state and the step count to
+continue exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from largebatch import checkpoint as ckpt
+from largebatch.config import ConfigError, TrainConfig, derive_accumulation, dump_yaml, from_dict, to_dict
+from largebatch.data import DataSource, build_dataset
+from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
+from largebatch.metrics import MetricsWriter, Progress, write_plots
+from largebatch.models import build_model
+from largebatch.optim import LAMB, LARS, param_groups
+from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
+
+# Keys that may differ between a run and its resumption (presentation, cadence, placement).
+RESUMABLE_CHANGES = {
+    "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused",
+}
+
+
+class DivergenceError(RuntimeError):
+    """The loss or a gradient became non-finite; the last good checkpoint is untouched."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written at the step boundary."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    top1: float | None
+    top5: float | None
+    eval_loss: float | None
+    wall_s: float
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AMX), else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.bfloat16 if amx() else None
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    o = config.optim
+    groups = param_groups(
+        model, o.weight_decay,
+        exclude_from_adaptation=None if o.exclude_bias_and_norm else False,
+        exclude_from_decay=None if o.exclude_bias_and_norm else False,
+    )
+    if o.name == "lars":
+        return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient, eps=o.eps,
+                    nesterov=o.nesterov, clip=o.clip, fused=o.fused)
+    if o.name == "lamb":
+        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6)
+    for g in groups:
+        g.pop("lars_adapt")
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
+    s = config.schedule
+    lr = config.optim.lr
+    if s.scaling == "linear":
+        lr = linear_scaling(lr, config.batch_size, s.reference_batch)
+    elif s.scaling == "sqrt":
+        lr = sqrt_scaling(lr, config.batch_size, s.reference_batch)
+    total = config.epochs * steps_per_epoch
+    return WarmupDecay(
+        base_lr=lr, total_steps=total, warmup_steps=min(total, round(s.warmup_epochs * steps_per_epoch)),
+        warmup_start_lr=s.warmup_start_lr, decay=s.decay, power=s.power, end_lr=s.end_lr,
+        milestones=tuple(round(m * steps_per_epoch) for m in s.milestones), gamma=s.gamma,
+        decay_origin=s.decay_origin,
+    )
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed for a step's randomness (dropout): a function of the position, not of history."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
+
+
+class Trainer:
+    """Sets a run up from a validated config and runs it. Only rank 0 writes or prints."""
+
+    def __init__(self, config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
+                 env: DistEnv | None = None) -> None:
+        self.config = config
+        self.env = env or init_distributed(config.device)
+        self.run_dir = Path(config.out)
+        self.progress = Progress(0, enabled=self.env.is_main and config.progress)
+        self._stop_requested = False
+
+        micro = config.micro_batch or config.batch_size // self.env.world_size
+        if config.micro_batch is None and config.batch_size % self.env.world_size:
+            raise ConfigError(
+                f"batch_size {config.batch_size} is not divisible by world size {self.env.world_size}"
+            )
+        self.micro_batch = micro
+        self.accumulation = derive_accumulation(config.batch_size, micro, self.env.world_size)
+
+        if self.env.device.type == "cpu":
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(config.threads or max(1, cores // max(1, self.env.local_world_size)))
+
+        resume_path = self._prepare_run_dir(resume, overwrite)
+
+        self.data: DataSource = build_dataset(
+            config.data.name, root=config.data.root, device=self.env.device, seed=config.seed,
+            augment=config.data.augment, **config.data.options,
+        )
+        self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size {config.batch_size} exceeds the training set ({self.data.num_train} examples)"
+            )
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.schedule = build_schedule(config, self.steps_per_epoch)
+
+        torch.manual_seed(config.seed)
+        model = build_model(config.model.name, num_classes=self.data.num_classes, **config.model.options)
+        model = model.to(self.env.device)
+        self.channels_last = config.model.channels_last and len(self.data.input_shape) == 3
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the module whose state is saved
+        self.optimizer = build_optimizer(config, model, self.schedule(0))
+        self.amp_dtype = autocast_dtype(config.precision, self.env.device)
+        self.scaler = torch.amp.GradScaler(
+            self.env.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        runner: nn.Module = torch.compile(model) if config.model.compile else model
+        if self.env.distributed:
+            runner = DDP(runner, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                         gradient_as_bucket_view=True)
+        self.runner = runner
+
+        self.step = 0
+        self.best_top1 = -1.0
+        if resume_path is not None:
+            self._load(resume_path)
+        self.progress.total = self.total_steps
+
+    # ---- run directory and checkpoints --------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
+        """Decide on rank 0, tell every rank: the checkpoint to resume from, or an error."""
+        decision: dict[str, Any] = {}
+        if self.env.is_main:
+            try:
+                decision["path"] = self._decide_run_dir(resume, overwrite)
+            except (ConfigError, ckpt.CheckpointError) as err:
+                decision["error"] = (type(err).__name__, str(err))
+        decision = broadcast_object(decision)  # type: ignore[assignment]
+        if "error" in decision:
+            kind, message = decision["error"]
+            raise (ckpt.CheckpointError if kind == "CheckpointError" else ConfigError)(message)
+        path = decision.get("path")
+        return Path(path) if path else None
+
+    def _decide_run_dir(self, resume: str | None, overwrite: bool) -> str | None:
+        run_dir, config_file = self.run_dir, self.run_dir / "config.yaml"
+        existing = config_file.exists()
+        if resume not in (None, "auto"):
+            path = Path(resume)
+            if not path.exists():
+                raise ConfigError(f"--resume {resume}: no such checkpoint")
+            ckpt.verify_checkpoint(path)
+            self._check_same_run(config_file)
+            return str(path)
+        if resume == "auto":
+            newest = ckpt.newest_valid(run_dir / "checkpoints", warn=self.progress.message)
+            if newest is not None:
+                self._check_same_run(config_file)
+                return str(newest)
+            # nothing to resume: a fresh start (e.g. the first launch under torchrun --max-restarts)
+        elif existing and not overwrite:
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run; pass --resume auto to continue it "
+                "or --overwrite to replace it"
+            )
+        if existing and (overwrite or resume == "auto"):
+            for name in ("metrics.jsonl", "metrics.csv", "checkpoints", "plots", "tensorboard"):
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            tmp = config_file.with_suffix(".yaml.tmp")
+            tmp.write_text(dump_yaml(self.config))
+            os.replace(tmp, config_file)
+        except OSError as err:
+            raise ConfigError(f"cannot write the run directory {run_dir}: {err.strerror}") from None
+        return None
+
+    def _check_same_run(self, config_file: Path) -> None:
+        if not config_file.exists():
+            return
+        import yaml
+
+        old = yaml.safe_load(config_file.read_text()) or {}
+        diffs = config_differences(to_dict(from_dict(old)), to_dict(self.config))
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: the config differs in {', '.join(diffs)}; "
+                "use a new --out or --overwrite"
+            )
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_top1": self.best_top1,
+            "world_size": self.env.world_size,
+            "micro_batch": self.micro_batch,
+            "config": to_dict(self.config),
+        }
+
+    def _load(self, path: Path) -> None:
+        payload = ckpt.load_checkpoint(path, map_location=self.env.device)
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scaler.load_state_dict(payload["scaler"])
+            self.step = int(payload["step"])
+            self.best_top1 = float(payload.get("best_top1", -1.0))
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
+                                       f"{str(err).splitlines()[0][:200]}") from None
+        if self.step > self.total_steps:
+            raise ConfigError(f"checkpoint {path} is at step {self.step}, beyond this run's {self.total_steps} steps")
+        if payload.get("world_size") != self.env.world_size:
+            self.progress.message(
+                f"resuming a run of world size {payload.get('world_size')} with {self.env.world_size}: "
+                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
+            )
+        self.progress.message(f"resumed from {path} at step {self.step}")
+
+    def _agree(self, error: str | None) -> None:
+        """Rank 0's write result, shared so that every rank stops together on a failed write."""
+        error = broadcast_object(error)  # type: ignore[assignment]
+        if error:
+            raise ckpt.CheckpointError(error)
+
+    def save(self, name: str | None = None) -> None:
+        """Checkpoint the current step (rank 0 writes), never a diverged model; all ranks call it."""
+        self._check_finite()
+        error = None
+        if self.env.is_main:
+            directory = self.run_dir / "checkpoints"
+            try:
+                if name is None:
+                    ckpt.save_checkpoint(ckpt.step_path(directory, self.step), self._payload())
+                    ckpt.prune(directory, self.config.keep_checkpoints)
+                else:
+                    ckpt.save_checkpoint(directory / name, self._payload())
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        self._agree(error)
+
+    def _check_finite(self) -> None:
+        """One all-reduce of the divergence flags kept on the device since the last check."""
+        flags = all_reduce_sum(self._bad.clone())
+        if flags.item() > 0:
+            first = self._first_bad.clone()
+            if torch.distributed.is_initialized() and self.env.distributed:
+                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
+            step = int(first.item())
+            raise DivergenceError(
+                f"non-finite loss or gradient at step {step} (lr {self.schedule(max(step, 0)):.4g}); "
+                f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
+            )
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.runner(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.optim.label_smoothing)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One global step; returns this rank's mean loss (a tensor: no host sync here)."""
+        self.runner.train()
+        torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.step))
+        self._set_lr(self.schedule(self.step))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.env.device)
+        last = len(micro_batches) - 1
+        for i, (x, y) in enumerate(micro_batches):
+            sync = self.env.distributed and i < last
+            with self.runner.no_sync() if sync else contextlib.nullcontext():
+                loss = self._forward_loss(x, y)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_ok = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        mean = total / len(micro_batches)
+        # fp16 overflow is the scaler's business (it skips the step); otherwise a bad gradient is fatal
+        self._last_grad_ok = grad_ok | torch.tensor(self.scaler.is_enabled(), device=grad_ok.device)
+        return mean
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.runner.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.env.device)  # loss, top1, top5, count
+        topk = 5 if self.data.num_classes > 5 else 1
+        for x, y in self.data.eval_batches(self.config.data.eval_batch, self.env.rank, self.env.world_size):
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.runner(x).float()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            top = logits.topk(topk, dim=1).indices
+            hits = top == y[:, None]
+            sums[1] += hits[:, 0].sum()
+            sums[2] += hits.any(dim=1).sum()
+            sums[3] += y.numel()
+        all_reduce_sum(sums)
+        loss, top1, top5, count = sums.tolist()
+        result = {"eval_loss": loss / count, "top1": 100.0 * top1 / count}
+        result["top5"] = 100.0 * top5 / count if topk == 5 else None
+        return result
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+
+    def run(self) -> RunResult:
+        cfg, env = self.config, self.env
+        t_start = time.perf_counter()
+        writer = MetricsWriter(self.run_dir, resume_after_step=self.step) if env.is_main else None
+        previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
+        self._bad = torch.zeros((), device=env.device)
+        self._first_bad = torch.full((), -1.0, device=env.device)
+        last_eval: dict[str, Any] = {}
+        self.progress.message(
+            f"{cfg.model.name} on {cfg.data.name}: global batch {cfg.batch_size} = {env.world_size} "
+            f"process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
+            f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}"
+        )
+        try:
+            window = _Window(env.device)
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                batches = self.data.train_batches(
+                    epoch, cfg.batch_size, self.micro_batch, env.rank, env.world_size, start_step=in_epoch
+                )
+                while True:
+                    t_data = time.perf_counter()
+                    micro = next(batches, None)
+                    window.data_s += time.perf_counter() - t_data
+                    if micro is None:
+                        break
+                    lr = self.schedule(self.step)
+                    loss = self.train_step(micro)
+                    step_bad = (~loss.isfinite()) | (~self._last_grad_ok)
+                    self._first_bad = torch.where(step_bad & (self._first_bad < 0), float(self.step), self._first_bad)
+                    self._bad = self._bad + step_bad
+                    window.add(loss)
+                    self.step += 1
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    stop = False
+                    if self.step % cfg.log_every == 0 or end_of_epoch:
+                        self._check_finite()
+                        mean_loss, stop = window.reduce(self._stop_requested)
+                        row = {
+                            "kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                            "lr": lr, "loss": mean_loss, "img_per_s": window.steps * cfg.batch_size / window.seconds(),
+                            "data_time_s": window.data_s, "elapsed_s": time.perf_counter() - t_start,
+                        }
+                        if writer:
+                            writer.write(row)
+                        self.progress.update(self.step, epoch, lr, mean_loss, row["img_per_s"])
+                        window = _Window(env.device)
+                    if end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
+                        last_eval = self.evaluate()
+                        self._report_eval(writer, epoch, last_eval, time.perf_counter() - t_start)
+                        if last_eval["top1"] > self.best_top1:
+                            self.best_top1 = last_eval["top1"]
+                            self.save("best.pt")
+                        window.restart()
+                    periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if periodic or (not cfg.checkpoint_every and end_of_epoch) or self.step == self.total_steps or stop:
+                        self.save()
+                        window.restart()
+                    if stop:
+                        raise Preempted(f"stopped by SIGTERM; checkpoint written at step {self.step} in {self.run_dir}")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if writer:
+                writer.close()
+        if env.is_main:
+            write_plots(self.run_dir)
+        return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
+                         last_eval.get("eval_loss"), time.perf_counter() - t_start)
+
+    def _report_eval(self, writer: MetricsWriter | None, epoch: int, result: dict[str, Any], elapsed: float) -> None:
+        if writer is None:
+            return
+        writer.write({"kind": "eval", "step": self.step, "epoch": epoch + 1, "elapsed_s": elapsed, **result})
+        top5 = f" top-5 {result['top5']:.2f}%" if result["top5"] is not None else ""
+        self.progress.message(
+            f"epoch {epoch + 1}: eval loss {result['eval_loss']:.4f} top-1 {result['top1']:.2f}%{top5}"
+        )
+
+
+class _Window:
+    """Loss and timing since the last log line; reduced across ranks with the stop flag."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.data_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+    def reduce(self, stop_requested: bool) -> tuple[float, bool]:
+        one = torch.ones((), device=self.loss.device)
+        stats = all_reduce_sum(torch.stack([self.loss, one, one * float(stop_requested)]))
+        loss_sum, ranks, stops = stats.tolist()
+        return loss_sum / ranks / max(self.steps, 1), stops > 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False) -> RunResult:
+    """Set up and run; the entry point of ``largebatch train`` and of the demo."""
+    return Trainer(config, resume=resume, overwrite=overwrite).run()
+
+
+__all__ = ["DivergenceError", "Preempted", "RunResult", "Trainer", "train"]
