@@ -61,7 +61,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    warmup_epochs: float = 2.0
+    warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0
     decay: str = "poly"
     power: float = 2.0

@@ -114,9 +114,10 @@ def write_plots(run_dir: Path) -> list[Path]:
 class Progress:
     """One status line on rank 0: epoch, step, lr, loss, img/s and time left."""
 
-    def __init__(self, total_steps: int, enabled: bool, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, total_steps: int, enabled: bool, is_main: bool = True, stream: TextIO = sys.stdout) -> None:
         self.total = total_steps
-        self.enabled = enabled
+        self.enabled = enabled and is_main  # the progress line
+        self.is_main = is_main  # messages (run header, eval results) print on rank 0 regardless
         self.stream = stream
         self.tty = stream.isatty()
         self._t0 = time.perf_counter()
@@ -141,9 +142,9 @@ class Progress:
         self.stream.flush()
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not self.is_main:
             return
-        if self.tty:
+        if self.enabled and self.tty:
             self.stream.write("\r" + " " * 100 + "\r")
         self.stream.write(text + "\n")
         self.stream.flush()

@@ -30,7 +30,7 @@ from largebatch.config import ConfigError, TrainConfig, derive_accumulation, dum
 from largebatch.data import DataSource, build_dataset
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from largebatch.metrics import MetricsWriter, Progress, write_plots
-from largebatch.models import build_model
+from largebatch.models import build_model, model_options
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 
@@ -134,7 +134,7 @@ class Trainer:
         self.config = config
         self.env = env or init_distributed(config.device)
         self.run_dir = Path(config.out)
-        self.progress = Progress(0, enabled=self.env.is_main and config.progress)
+        self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
         self._stop_requested = False
 
         micro = config.micro_batch or config.batch_size // self.env.world_size
@@ -164,7 +164,7 @@ class Trainer:
         self.schedule = build_schedule(config, self.steps_per_epoch)
 
         torch.manual_seed(config.seed)
-        model = build_model(config.model.name, num_classes=self.data.num_classes, **config.model.options)
+        model = build_model(config.model.name, num_classes=self.data.num_classes, **self._model_options())
         model = model.to(self.env.device)
         self.channels_last = config.model.channels_last and len(self.data.input_shape) == 3
         if self.channels_last:
@@ -186,6 +186,16 @@ class Trainer:
         if resume_path is not None:
             self._load(resume_path)
         self.progress.total = self.total_steps
+
+    def _model_options(self) -> dict[str, Any]:
+        """The config's options, with the input's channels and size filled in where the model takes them."""
+        options = dict(self.config.model.options)
+        accepted = model_options(self.config.model.name)
+        channels, height, _ = self.data.input_shape
+        for key, value in (("in_channels", channels), ("image_size", height)):
+            if key in accepted and key not in options:
+                options[key] = value
+        return options
 
     # ---- run directory and checkpoints --------------------------------------------------------
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from largebatch.models.alexnet_bn import alexnet_bn
 from largebatch.models.imagenet import alexnet, resnet50
+from largebatch.models.mlp import mlp
 from largebatch.models.small import alexnet_bn_small, fmnist_net, resnet_small
 
 __all__ = ["MODEL_NAMES", "build_model", "default_input_size", "model_options"]
@@ -28,6 +29,7 @@ _REGISTRY: dict[str, _Entry] = {
     "alexnet_bn_small": _Entry(alexnet_bn_small, 28),
     "resnet_small": _Entry(resnet_small, 28),
     "fmnist_net": _Entry(fmnist_net, 28),
+    "mlp": _Entry(mlp, 28),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

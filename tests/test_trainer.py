@@ -1,0 +1,146 @@
+"""The trainer: split-invariance under torchrun, exact resume, run directory, the demo recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from largebatch.checkpoint import load_checkpoint, step_checkpoints
+from largebatch.config import load_config
+from largebatch.trainer import Trainer, train
+
+SMALL_DATA = {"shape": [1, 8, 8], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512}
+TIMING = {"img_per_s", "data_time_s", "elapsed_s"}
+
+
+def small_config(tmp_path: Path, name: str, **overrides) -> list[tuple[str, object]]:
+    pairs = {
+        "model.name": "mlp",
+        "model.options": {"hidden": 32, "depth": 2},
+        "data.name": "synthetic",
+        "data.options": SMALL_DATA,
+        "data.augment": False,
+        "batch_size": 128,
+        "epochs": 2,
+        "optim.lr": 2.0,
+        "optim.trust_coefficient": 0.01,
+        "schedule.warmup_epochs": 1.0,
+        "precision": "fp32",
+        "progress": False,
+        "out": str(tmp_path / name),
+        "threads": 1,
+    }
+    pairs.update(overrides)
+    return list(pairs.items())
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(step_checkpoints(run_dir / "checkpoints")[-1])["model"]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _cli_args(pairs: list[tuple[str, object]]) -> list[str]:
+    args = []
+    for key, value in pairs:
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+@pytest.mark.slow
+def test_two_processes_equal_accumulation_equal_one_big_micro_batch(tmp_path):
+    """2 ranks x micro 64 == 1 rank x 2 accumulation steps of 64 == 1 rank x micro 128."""
+    two = small_config(tmp_path, "two", micro_batch=64)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "largebatch.cli", "train", *_cli_args(two)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(load_config(None, small_config(tmp_path, "accum", micro_batch=64)))
+    train(load_config(None, small_config(tmp_path, "big", micro_batch=128)))
+    reference = final_weights(tmp_path / "big")
+    for name in ("two", "accum"):
+        weights = final_weights(tmp_path / name)
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
+    # and the runs did move the weights: the comparison is not between untouched models
+    start = Trainer(load_config(None, small_config(tmp_path, "fresh"))).model.state_dict()
+    assert max((start[k] - reference[k]).abs().max().item() for k in reference) > 1e-3
+    # metrics agree too: same losses, same evaluation
+    rows = {n: metric_rows(tmp_path / n) for n in ("two", "accum", "big")}
+    for a, b in zip(rows["two"], rows["big"], strict=True):
+        for key in ("loss", "top1", "eval_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+
+
+class _StopAt(Trainer):
+    """A trainer that is pre-empted (as by SIGTERM) once it reaches a given step."""
+
+    stop_at = 0
+
+    def train_step(self, micro_batches):
+        loss = super().train_step(micro_batches)
+        if self.step + 1 == self.stop_at:
+            self._stop_requested = True
+        return loss
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at an epoch boundary
+def test_resume_continues_exactly(tmp_path, stop_at):
+    from largebatch.trainer import Preempted
+
+    # BatchNorm, dropout and augmentation: every source of randomness and state is exercised
+    options = {
+        "model.name": "alexnet_bn_small",
+        "model.options": {"width": 4, "hidden": 16},
+        "data.options": {**SMALL_DATA, "shape": [1, 28, 28]},
+        "data.augment": True,
+        "log_every": 1,
+    }
+    straight = train(load_config(None, small_config(tmp_path, "straight", **options)))
+    _StopAt.stop_at = stop_at
+    with pytest.raises(Preempted, match=f"checkpoint written at step {stop_at}"):
+        _StopAt(load_config(None, small_config(tmp_path, "resumed", **options))).run()
+    resumed = Trainer(load_config(None, small_config(tmp_path, "resumed", **options)), resume="auto").run()
+    assert resumed.steps == straight.steps == 8
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(tmp_path / "straight") == metric_rows(tmp_path / "resumed")
+
+
+def test_run_directory_holds_what_it_promises(tmp_path):
+    result = train(load_config(None, small_config(tmp_path, "run", checkpoint_every=3, keep_checkpoints=2)))
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "plots/loss.png", "plots/accuracy.png",
+                 "plots/lr.png", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    kept = [p.name for p in step_checkpoints(run / "checkpoints")]
+    assert kept == ["step_00000006.pt", "step_00000008.pt"]  # every 3 steps + the end, newest 2 kept
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["kind", "step", "epoch", "lr", "loss"]
+    rows = metric_rows(run)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert result.top1 == evals[-1]["top1"]
+    # lr logged is the schedule's: linear warm-up over 4 steps from 0 to 2, then poly(2)
+    lrs = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert lrs[:4] == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    assert lrs[4] == pytest.approx(2.0) and lrs[5] == pytest.approx(2.0 * (1 - 1 / 4) ** 2)
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_fashion_mnist_in_a_short_run(tmp_path):
+    from largebatch.demo import demo_config
+
+    result = train(demo_config(out=str(tmp_path / "demo"), epochs=4, progress=False))
+    assert result.top1 is not None and result.top1 > 75.0
