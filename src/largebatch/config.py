@@ -7,6 +7,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def unknown_key_message(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}'{hint}; allowed: {', '.join(allowed)}"
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
@@ -169,7 +176,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown config key '{dotted}'; allowed: {', '.join(all_keys(cls, prefix))}")
+            raise ConfigError(unknown_key_message(dotted, all_keys(cls, prefix)))
         tp = hints[key]
         kwargs[key] = _build(tp, value, f"{dotted}.") if _is_dataclass_type(tp) else _coerce(dotted, value, tp)
     return cls(**kwargs)
@@ -193,7 +200,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     if key not in all_keys() and not any(key.startswith(f"{k}.") for k in all_keys() if k.endswith("options")):
-        raise ConfigError(f"unknown config key '{key}'; allowed: {', '.join(all_keys())}")
+        raise ConfigError(unknown_key_message(key, all_keys()))
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

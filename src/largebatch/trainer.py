@@ -121,6 +121,20 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
+def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) for this world size; the global batch never changes.
+
+    Without a micro-batch in the config each process takes batch / world (no accumulation).
+    On resume with another world size the accumulation is derived anew, so the run continues
+    with the same global batch, or stops here with the numbers that do not divide.
+    """
+    if config.micro_batch is None:
+        if config.batch_size % world_size:
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}")
+        return config.batch_size // world_size, 1
+    return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed for a step's randomness (dropout): a function of the position, not of history."""
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
@@ -137,19 +151,11 @@ class Trainer:
         self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
         self._stop_requested = False
 
-        micro = config.micro_batch or config.batch_size // self.env.world_size
-        if config.micro_batch is None and config.batch_size % self.env.world_size:
-            raise ConfigError(
-                f"batch_size {config.batch_size} is not divisible by world size {self.env.world_size}"
-            )
-        self.micro_batch = micro
-        self.accumulation = derive_accumulation(config.batch_size, micro, self.env.world_size)
+        self.micro_batch, self.accumulation = batch_plan(config, self.env.world_size)
 
         if self.env.device.type == "cpu":
             cores = os.cpu_count() or 1
             torch.set_num_threads(config.threads or max(1, cores // max(1, self.env.local_world_size)))
-
-        resume_path = self._prepare_run_dir(resume, overwrite)
 
         self.data: DataSource = build_dataset(
             config.data.name, root=config.data.root, device=self.env.device, seed=config.seed,
@@ -183,6 +189,8 @@ class Trainer:
 
         self.step = 0
         self.best_top1 = -1.0
+        # only now, with data and model known to be usable, is the run directory touched
+        resume_path = self._prepare_run_dir(resume, overwrite)
         if resume_path is not None:
             self._load(resume_path)
         self.progress.total = self.total_steps
