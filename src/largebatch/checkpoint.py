@@ -14,6 +14,7 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, before_commit: Callable[[], None] | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -53,8 +56,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically with its SHA-256 beside it."""
+def save_checkpoint(
+    path: str | Path, payload: dict[str, Any], before_commit: Callable[[], None] | None = None
+) -> Path:
+    """Write ``payload`` to ``path`` atomically with its SHA-256 beside it.
+
+    ``before_commit`` runs once the data is on disk under a temporary name, before the rename
+    (the fault-injection tests kill the process there).
+    """
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -62,7 +71,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
+        _atomic_write(path, data, before_commit)
         _atomic_write(path.with_suffix(path.suffix + ".sha256"), f"{digest}  {path.name}\n".encode())
     except OSError as err:
         reason = err.strerror or str(err)

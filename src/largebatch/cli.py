@@ -15,6 +15,7 @@ from largebatch import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_LOST_PEER = 4
 EXIT_PREEMPTED = 143
 
 # plain flags for the common keys: flag -> (dotted key, type, help)
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
+        if os.environ.get("LARGEBATCH_DEBUG"):
+            raise
         _error(err)
         return EXIT_USER_ERROR
     except DivergenceError as err:
@@ -159,15 +162,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except Exception as err:
+        if os.environ.get("LARGEBATCH_DEBUG") or not _is_lost_peer(err):
+            raise
+        _error(f"lost contact with another process ({_first_line(err)[:200]}); "
+               "restart with --resume auto to continue from the last checkpoint")
+        return EXIT_LOST_PEER
     finally:
         shutdown()
+
+
+def _is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because a peer process or host went away (or timed out)."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
+    )
+
+
+def _first_line(err: object) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _error(err: object) -> None:
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if rank else ""
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"largebatch: error: {prefix}{message}", file=sys.stderr)
+    print(f"largebatch: error: {prefix}{_first_line(err)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class TrainConfig:
     log_every: int = 1  # steps
     out: str = "runs/default"
     progress: bool = True
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this for a lost peer fails
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -275,6 +276,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"schedule.warmup_epochs {config.schedule.warmup_epochs} exceeds epochs {config.epochs}"
         )
+    _positive("dist_timeout_s", config.dist_timeout_s)
     if config.threads is not None:
         _positive("threads", config.threads)
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import checkpoint as ckpt
+from largebatch import faults
 from largebatch.config import ConfigError, TrainConfig, derive_accumulation, dump_yaml, from_dict, to_dict
 from largebatch.data import DataSource, build_dataset
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
@@ -37,7 +38,7 @@ from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
     "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused",
+    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "dist_timeout_s",
 }
 
 
@@ -146,7 +147,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
                  env: DistEnv | None = None) -> None:
         self.config = config
-        self.env = env or init_distributed(config.device)
+        self.env = env or init_distributed(config.device, timeout_s=config.dist_timeout_s)
         self.run_dir = Path(config.out)
         self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
         self._stop_requested = False
@@ -320,7 +321,9 @@ class Trainer:
             directory = self.run_dir / "checkpoints"
             try:
                 if name is None:
-                    ckpt.save_checkpoint(ckpt.step_path(directory, self.step), self._payload())
+                    step, rank = self.step, self.env.rank
+                    ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
+                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank))
                     ckpt.prune(directory, self.config.keep_checkpoints)
                 else:
                     ckpt.save_checkpoint(directory / name, self._payload())
@@ -437,6 +440,7 @@ class Trainer:
                     self._bad = self._bad + step_bad
                     window.add(loss)
                     self.step += 1
+                    faults.maybe_kill("step", self.step, env.rank)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     stop = False
                     if self.step % cfg.log_every == 0 or end_of_epoch:
