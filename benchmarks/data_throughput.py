@@ -1,12 +1,13 @@
 """Images per second delivered by each data path, next to the images per second the matching
 model trains at, measured in the same run on the same machine.
 
-    PYTHONPATH=src python benchmarks/data_throughput.py [--repeats 3] [--out docs/benchmarks/data_throughput.md]
+    PYTHONPATH=src python benchmarks/data_throughput.py [--repeats 5] [--out docs/benchmarks/data_throughput.md]
 
 Data rates are measured alone (no model running), from the first batch to the last of a pass;
 model rates are one optimizer step (forward, backward, LARS) per micro-batch on random input.
-Each figure is the median of ``--repeats`` runs. A ratio data/model above 1 means the data path
-can keep up with training.
+Each figure is the median of ``--repeats`` rounds, every round running every measurement once
+(interleaved, so that the load of a shared machine hits all of them alike). A ratio data/model
+above 1 means the data path can keep up with training.
 """
 
 from __future__ import annotations
@@ -29,17 +30,22 @@ from largebatch.models import build_model, profile_model
 from largebatch.optim import LARS, param_groups
 
 
-def median_rate(fn: Callable[[], int], repeats: int) -> float:
-    """Median over runs of images / seconds, where fn() returns the images it produced."""
-    rates = []
+def interleaved_rates(jobs: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Median over ``repeats`` rounds of images / second for each job; each round runs every
+    job once, so a change in the machine's load (it is shared) hits all jobs alike. A job
+    returns the number of images it produced."""
+    for fn in jobs.values():
+        fn()  # warm-up: allocator, oneDNN primitives, loader workers
+    rates: dict[str, list[float]] = {k: [] for k in jobs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+        for key, fn in jobs.items():
+            t = time.perf_counter()
+            n = fn()
+            rates[key].append(n / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def data_rate(src, global_batch: int, micro: int, steps: int, repeats: int) -> float:
+def data_job(src, global_batch: int, micro: int, steps: int) -> Callable[[], int]:
     def one_pass() -> int:
         n = 0
         for i, step in enumerate(src.train_batches(0, global_batch, micro, 0, 1)):
@@ -48,12 +54,11 @@ def data_rate(src, global_batch: int, micro: int, steps: int, repeats: int) -> f
                 break
         return n
 
-    one_pass()  # warm-up (and start persistent workers)
-    return median_rate(one_pass, repeats)
+    return one_pass
 
 
-def model_rate(name: str, shape: tuple[int, int, int], classes: int, batch: int, steps: int, repeats: int,
-               bf16: bool = False, channels_last: bool = False) -> float:
+def model_job(name: str, shape: tuple[int, int, int], classes: int, batch: int, steps: int,
+              bf16: bool = False, channels_last: bool = False) -> Callable[[], int]:
     torch.manual_seed(0)
     model = build_model(name, classes, in_channels=shape[0])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -71,8 +76,7 @@ def model_rate(name: str, shape: tuple[int, int, int], classes: int, batch: int,
             opt.step()
         return k * batch
 
-    train(1)  # warm-up: allocator, oneDNN primitive creation
-    return median_rate(lambda: train(steps), repeats)
+    return lambda: train(steps)
 
 
 def write_jpegs(root: str, n_per_class: int, classes: int) -> None:
@@ -94,73 +98,73 @@ def write_jpegs(root: str, n_per_class: int, classes: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="docs/benchmarks/data_throughput.md")
     parser.add_argument("--workers", type=int, default=2, help="imagefolder loader processes")
     args = parser.parse_args(argv)
     r = args.repeats
     cpu = torch.device("cpu")
-    rows: list[tuple[str, float, str, float]] = []
-    models: list[tuple[str, str, float, int]] = []
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    load_before = os.getloadavg()[0]
+    rows: list[tuple[str, str, str, str]] = []  # (data label, data key, model label, model key)
+    jobs: dict[str, Callable[[], int]] = {}
+    macs: dict[str, int] = {}
 
     # Fashion-MNIST resident on the device, batch-wise crop + flip; global 8192 in micro-batches of 1024
     fm = build_dataset("fashion_mnist", root=None, device=cpu, seed=0)
-    fm_rate = data_rate(fm, 8192, 1024, steps=7, repeats=r)
-    log(f"fashion_mnist data: {fm_rate:,.0f} img/s")
-    for name, bf16, cl in [
+    jobs["data:fashion_mnist"] = data_job(fm, 8192, 1024, steps=2)
+    small = [
         ("fmnist_net", False, False),
         ("fmnist_net", False, True),
         ("fmnist_net", True, True),
-        ("resnet_small", False, False),
+        ("resnet_small", False, True),
         ("resnet_small", True, True),
-        ("alexnet_bn_small", False, False),
+        ("alexnet_bn_small", False, True),
         ("alexnet_bn_small", True, True),
-    ]:
-        rate = model_rate(name, (1, 28, 28), 10, 1024, steps=3, repeats=r, bf16=bf16, channels_last=cl)
+    ]
+    for name, bf16, cl in small:
         prec = ("bf16 autocast" if bf16 else "fp32") + (" + channels_last" if cl else "")
-        macs = profile_model(build_model(name, 10), (1, 28, 28)).macs
-        models.append((name, prec, rate, macs))
-        rows.append(("fashion_mnist (batch 8192 / micro 1024, crop+flip)", fm_rate, f"{name}, {prec}", rate))
-        log(f"{name} {prec}: {rate:,.0f} img/s")
+        key = f"{name}|{prec}"
+        jobs[key] = model_job(name, (1, 28, 28), 10, 1024, steps=2, bf16=bf16, channels_last=cl)
+        macs[key] = profile_model(build_model(name, 10), (1, 28, 28)).macs
+        rows.append(("fashion_mnist (batch 8192 / micro 1024, crop+flip)", "data:fashion_mnist", key, key))
 
     # synthetic ImageNet-shaped, on-device crop + flip, micro-batches of 64
     for name, size in (("alexnet_bn", 227), ("resnet50", 224)):
         syn = build_dataset("synthetic", root=None, device=cpu, seed=0, shape=(3, size, size), pool_size=256)
-        syn_rate = data_rate(syn, 256, 64, steps=2, repeats=r)
-        rate = model_rate(name, (3, size, size), 1000, 32, steps=1, repeats=r)
-        macs = profile_model(build_model(name, 1000), (3, size, size)).macs
-        models.append((name, "fp32", rate, macs))
-        rows.append((f"synthetic 3x{size}x{size} (micro 64, crop+flip)", syn_rate, f"{name}, fp32, micro 32", rate))
-        log(f"synthetic {size}: {syn_rate:,.0f} img/s; {name}: {rate:,.1f} img/s")
+        jobs[f"data:synthetic{size}"] = data_job(syn, 128, 64, steps=2)
+        key = f"{name}|fp32"
+        jobs[key] = model_job(name, (3, size, size), 1000, 16, steps=1)
+        macs[key] = profile_model(build_model(name, 1000), (3, size, size)).macs
+        rows.append((f"synthetic 3x{size}x{size} (micro 64, crop+flip)", f"data:synthetic{size}", key, key))
 
     # imagefolder: JPEGs decoded by worker processes, random-resized crop to 224 + flip
     with tempfile.TemporaryDirectory() as tmp:
-        write_jpegs(tmp, n_per_class=48, classes=8)  # 384 train, 96 val images
+        write_jpegs(tmp, n_per_class=32, classes=8)  # 256 train, 64 val images
         folder = build_dataset("imagefolder", root=tmp, device=cpu, seed=0, workers=args.workers)
-        img_rate = data_rate(folder, 64, 32, steps=6, repeats=r)
-        resnet = next(m for m in models if m[0] == "resnet50")[2]
-        alex = next(m for m in models if m[0] == "alexnet_bn")[2]
+        jobs["data:imagefolder"] = data_job(folder, 64, 32, steps=3)
         label = f"imagefolder JPEG ~450x350 -> 224 ({args.workers} workers, micro 32)"
-        rows.append((label, img_rate, "resnet50, fp32", resnet))
-        rows.append((label, img_rate, "alexnet_bn, fp32 (227 crop)", alex))
-        log(f"imagefolder: {img_rate:,.0f} img/s")
+        rows.append((label, "data:imagefolder", "resnet50|fp32", "resnet50|fp32"))
+        rows.append((label, "data:imagefolder", "alexnet_bn|fp32", "alexnet_bn|fp32"))
+        rates = interleaved_rates(jobs, r)
+    load_after = os.getloadavg()[0]
+    for key, rate in rates.items():
+        print(f"{key}: {rate:,.1f} img/s", file=sys.stderr)
 
     lines = [
         "# Data throughput next to model training throughput",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads. Median of {r} runs each.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads. Median of {r} interleaved runs each; "
+        f"the machine is shared (1-minute load average {load_before:.1f} before, {load_after:.1f} after).",
         "",
         "Reproduce: `PYTHONPATH=src .venv/bin/python benchmarks/data_throughput.py`",
         "",
         "| data path | data img/s | model (training) | model img/s | data / model |",
         "|---|---:|---|---:|---:|",
     ]
-    for path, d, m, mr in rows:
-        lines.append(f"| {path} | {d:,.0f} | {m} | {mr:,.1f} | {d / mr:,.1f} |")
+    for path, dkey, mlabel, mkey in rows:
+        d, m = rates[dkey], rates[mkey]
+        lines.append(f"| {path} | {d:,.0f} | {mlabel.replace('|', ', ')} | {m:,.1f} | {d / m:,.1f} |")
     lines += [
         "",
         "Model training speed (one LARS step per micro-batch, forward + backward, random input):",
@@ -168,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         "| model | precision | img/s | forward MACs / image |",
         "|---|---|---:|---:|",
     ]
-    for name, prec, rate, macs in models:
-        lines.append(f"| {name} | {prec} | {rate:,.1f} | {macs / 1e6:,.2f} M |")
+    for key, mac in macs.items():
+        name, prec = key.split("|")
+        lines.append(f"| {name} | {prec} | {rates[key]:,.1f} | {mac / 1e6:,.2f} M |")
     lines += [
         "",
         "Data rates are measured alone; while training, the data path shares the same cores (for",
