@@ -201,7 +201,7 @@ class ImageFolderSource(DataSource):
                     if path not in self.bad_images:
                         log.warning("skipping unreadable image %s (%s)", path, msg)
                     self.bad_images[path] = msg
-                self.skipped += len(bad) if name == "train" else int((y < 0).sum())
+                self.skipped += len(bad)
                 if bool((y < 0).any()):
                     if name == "train":
                         raise DataError(f"more than {MAX_REPLACEMENTS} unreadable images in a row from {bad[0][0]}")
