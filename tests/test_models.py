@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch.models import MODEL_NAMES, ModelProfile, build_model, default_input_size, model_options, profile_model
+from largebatch.models import (
+    MODEL_NAMES,
+    ModelProfile,
+    build_model,
+    count_params,
+    default_input_size,
+    model_options,
+    profile_model,
+)
 
 SMALL = ("alexnet_bn_small", "resnet_small", "fmnist_net")
 
@@ -20,7 +28,7 @@ def fc_params(cin: int, cout: int) -> int:
 
 
 def test_registry_names_and_errors():
-    assert set(MODEL_NAMES) == {"alexnet_bn", "alexnet", "resnet50", *SMALL}
+    assert set(MODEL_NAMES) == {"alexnet_bn", "alexnet", "resnet50", "mlp", *SMALL}
     with pytest.raises(ValueError, match=r"unknown model 'vgg'; choose one of: alexnet_bn, alexnet"):
         build_model("vgg", 10)
     with pytest.raises(ValueError, match=r"model 'resnet_small' has no option 'depth'"):
@@ -151,3 +159,10 @@ def test_imagenet_models_in_channels():
         s = default_input_size(name)
         with torch.no_grad():
             assert model(torch.zeros(1, 1, s, s)).shape == (1, 7)
+
+
+def test_mlp_shape_and_parameter_count():
+    model = build_model("mlp", 4, in_channels=1, image_size=8, hidden=32, depth=2)
+    assert count_params(model) == (64 * 32 + 32) + (32 * 32 + 32) + (32 * 4 + 4)
+    assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 4)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
