@@ -114,14 +114,21 @@ def write_plots(run_dir: Path) -> list[Path]:
 class Progress:
     """One status line on rank 0: epoch, step, lr, loss, img/s and time left."""
 
-    def __init__(self, total_steps: int, enabled: bool, is_main: bool = True, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, total_steps: int, enabled: bool, is_main: bool = True, stream: TextIO | None = None) -> None:
         self.total = total_steps
         self.enabled = enabled and is_main  # the progress line
         self.is_main = is_main  # messages (run header, eval results) print on rank 0 regardless
-        self.stream = stream
-        self.tty = stream.isatty()
+        self._stream = stream
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout  # looked up late: the caller may redirect stdout
+
+    @property
+    def tty(self) -> bool:
+        return self.stream.isatty()
 
     def update(self, step: int, epoch: int, lr: float, loss: float, img_per_s: float) -> None:
         if not self.enabled:
