@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from largebatch import __version__
+from largebatch.plan.cli import add_bench_parser, add_plan_parser
+from largebatch.plan.errors import PlanError
 
 
 class UserError(Exception):
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     sub.add_parser("demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)")
+    add_plan_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -30,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             raise UserError("the demo needs the trainer, which is not built yet; nothing was trained")
-    except UserError as err:
+        if args.command in ("plan", "bench"):
+            return args.run(args)
+    except (UserError, PlanError) as err:
         print(f"largebatch: error: {err}", file=sys.stderr)
         return 2
     return 0
