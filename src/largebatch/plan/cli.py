@@ -156,10 +156,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--processes", type=int, default=2, help="local processes (default 2)")
     c.add_argument("--min-size", default="1K", help="smallest message (default 1K)")
     c.add_argument("--max-size", default="256M", help="largest message (default 256M); sizes go up by 4x")
+    c.add_argument("--fit-min-size", default=None,
+                   help="fit only sizes >= this (default: all); for the regime a workload uses, e.g. 4M buckets")
     c.add_argument("--reps", type=int, help="repetitions per size (default: 3 to 40, about 64 MB of traffic)")
     c.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     c.add_argument("--algorithm", default="ring", choices=list(ALGORITHMS),
-                   help="closed form to fit (default ring, which gloo and NCCL use for large messages)")
+                   help="closed form to fit (default ring: gloo's CPU all-reduce; NCCL uses ring or tree)")
     c.add_argument("--yaml", help="write or update this hardware YAML with the fitted network")
     c.add_argument("--name", help="hardware name when --yaml creates a new file")
     c.set_defaults(run=run_bench)
@@ -207,33 +209,38 @@ def _update_yaml(path: str, name: str | None, section: str, values: dict, source
 
 def run_bench(args) -> int:
     from largebatch.plan import bench
+    from largebatch.plan.costs import allreduce_time
 
     today = datetime.date.today().isoformat()
     if args.bench_command == "comm":
         sizes = bench.default_sizes(bench.parse_size(args.min_size), bench.parse_size(args.max_size))
         gamma = bench.measure_gamma()
         backend, sizes, times = bench.bench_comm(args.processes, sizes, args.reps, args.backend)
-        fit = bench.fit_network(sizes, times, args.processes, args.algorithm, gamma)
-        net = fit.network
+        lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
+        used = [(n, t) for n, t in zip(sizes, times, strict=True) if n >= lo]
+        if len(used) < 2:
+            raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
+        net = bench.fit_network([n for n, _ in used], [t for _, t in used], args.processes, args.algorithm,
+                                gamma).network
+        models = [allreduce_time(args.algorithm, args.processes, n, net) for n in sizes]
+        errors = [m / t - 1 for m, t in zip(models, times, strict=True)]
+        worst = max(abs(e) for e in errors)
         print(f"all-reduce, {args.processes} processes, {backend}, fitted as {args.algorithm}:")
         print("| bytes | measured | model | GB/s (n / t) | model error |")
         print("|---|---|---|---|---|")
-        from largebatch.plan.costs import allreduce_time
-
-        for n, t, r in zip(sizes, times, fit.rel_residuals, strict=True):
-            model = allreduce_time(args.algorithm, args.processes, n, net)
-            print(f"| {n} | {t * 1e3:.3f} ms | {model * 1e3:.3f} ms | {n / t / 1e9:.2f} | {r:+.0%} |")
+        for n, t, m, e in zip(sizes, times, models, errors, strict=True):
+            print(f"| {n} | {t * 1e3:.3f} ms | {m * 1e3:.3f} ms | {n / t / 1e9:.2f} | {e:+.0%} |")
         print(f"alpha = {net.alpha:.3g} s, beta = {net.beta:.3g} s/B ({1 / net.beta / 1e9:.2f} GB/s), "
-              f"gamma = {net.gamma:.3g} s/B (local a += b), largest model error {fit.max_rel_error:.0%}")
+              f"gamma = {net.gamma:.3g} s/B (local a += b), largest model error {worst:.0%}")
         if args.yaml:
             cmd = (f"largebatch bench comm --processes {args.processes} --min-size {args.min_size} "
-                   f"--max-size {args.max_size}")
+                   f"--max-size {args.max_size}" + (f" --fit-min-size {args.fit_min_size}" if lo else ""))
             _update_yaml(args.yaml, args.name, "network",
                          {"alpha": float(f"{net.alpha:.4g}"), "beta": float(f"{net.beta:.4g}"),
                           "gamma": float(f"{net.gamma:.4g}"), "algorithm": args.algorithm,
                           "processes": args.processes},
                          f"network: `{cmd}` ({backend}, {today}); weighted least squares on the {args.algorithm} "
-                         f"form; gamma from a timed local a += b; largest model error {fit.max_rel_error:.0%}")
+                         f"form; gamma from a timed local a += b; largest model error {worst:.0%}")
         return 0
     if args.batch < 1 or args.steps < 1:
         raise PlanError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")

@@ -26,7 +26,15 @@ from largebatch.plan.errors import PlanError
 from largebatch.plan.hardware import Hardware
 from largebatch.plan.model import Profile
 
-__all__ = ["IterationPrediction", "TrainingPrediction", "comm_time", "iterations", "predict", "predict_iteration"]
+__all__ = [
+    "IterationPrediction",
+    "TrainingPrediction",
+    "bucket_sizes",
+    "comm_time",
+    "iterations",
+    "predict",
+    "predict_iteration",
+]
 
 # fp32 gradients
 GRAD_BYTES = 4
@@ -45,7 +53,8 @@ def iterations(epochs: float, dataset_size: int, global_batch: int) -> int:
     return math.ceil(epochs * dataset_size / global_batch - 1e-9)
 
 
-def _buckets(total: float, bucket: float | None) -> list[float]:
+def bucket_sizes(total: float, bucket: float | None) -> list[float]:
+    """Gradient bytes split as DDP does by size: full buckets, then the remainder."""
     if not bucket or bucket >= total:
         return [total]
     full = int(total // bucket)
@@ -56,7 +65,7 @@ def _buckets(total: float, bucket: float | None) -> list[float]:
 def comm_time(hw: Hardware, processes: int, grad_bytes: float, algorithm: str = "best",
               bucket_bytes: float | None = DEFAULT_BUCKET) -> tuple[float, float, str]:
     """(total seconds, seconds of the last bucket, algorithm used for the largest bucket)."""
-    sizes = _buckets(grad_bytes, bucket_bytes)
+    sizes = bucket_sizes(grad_bytes, bucket_bytes)
     times = [allreduce_time(algorithm, processes, s, hw.network) for s in sizes]
     used = best_algorithm(processes, sizes[0], hw.network)[0] if algorithm == "best" else algorithm
     return sum(times), times[-1], used
