@@ -82,6 +82,7 @@ def test_bench_compute_writes_images_per_s(tmp_path, capsys):
         ["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--processes", "x"],
         ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--sustained-fraction", "3"],
         ["bench", "compute", "no_such_net"],
+        ["bench", "comm", "--fit-min-size", "1G"],
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(argv, capsys):

@@ -214,12 +214,12 @@ def run_bench(args) -> int:
     today = datetime.date.today().isoformat()
     if args.bench_command == "comm":
         sizes = bench.default_sizes(bench.parse_size(args.min_size), bench.parse_size(args.max_size))
+        lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
+        if sum(n >= lo for n in sizes) < 2:
+            raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
         gamma = bench.measure_gamma()
         backend, sizes, times = bench.bench_comm(args.processes, sizes, args.reps, args.backend)
-        lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
         used = [(n, t) for n, t in zip(sizes, times, strict=True) if n >= lo]
-        if len(used) < 2:
-            raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
         net = bench.fit_network([n for n, _ in used], [t for _, t in used], args.processes, args.algorithm,
                                 gamma).network
         models = [allreduce_time(args.algorithm, args.processes, n, net) for n in sizes]
