@@ -129,7 +129,8 @@ def _free_port() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hardware", required=True, help="hardware YAML with this machine's fitted network")
+    ap.add_argument("--hardware", required=True, action="append",
+                    help="hardware YAML with this machine's fitted network (repeat to compare fits)")
     ap.add_argument("--out", help="write the Markdown result here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,38 +142,42 @@ def main() -> None:
     from largebatch.plan.model import Profile
     from largebatch.plan.predict import predict_iteration
 
-    hw = load_hardware(args.hardware)
+    hws = [load_hardware(h) for h in args.hardware]
     load0 = os.getloadavg()[0]
     alone = single_process()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.json")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-        subprocess.run([*torchrun, __file__, "--hardware", args.hardware, "--worker", out], check=True, timeout=600)
+        subprocess.run([*torchrun, __file__, "--hardware", args.hardware[0], "--worker", out], check=True, timeout=600)
         ddp = json.loads(Path(out).read_text())
 
     lines = [
-        "| model | params | grad MB | compute from | compute | predicted comm | measured comm | predicted serial "
-        "| predicted overlap | measured DDP (2 proc) | error serial | error overlap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | grad MB | network fit | compute from | compute | predicted comm | measured comm "
+        "| predicted serial | predicted overlap | measured DDP (2 proc) | error serial | error overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, build in MODELS.items():
         params = sum(p.numel() for p in build().parameters())
         prof = Profile(name, params, flops=1.0)  # FLOPs unused: compute comes from measured step times
         measured = ddp[name]["median_s"]
-        for label, step in (("1 process alone", alone[name]), ("2 processes, no comm", ddp[name]["busy_compute_s"])):
-            it = predict_iteration(prof, hw, 2, 2 * BATCH, algorithm="ring", images_per_s=BATCH / step)
-            lines.append(
-                f"| {name} | {params / 1e6:.2f}M | {params * 4 / 1e6:.1f} | {label} | {step * 1e3:.1f} ms "
-                f"| {it.comm_s * 1e3:.1f} ms | {ddp[name]['comm_s'] * 1e3:.1f} ms "
-                f"| {it.serial_s * 1e3:.1f} ms | {it.overlap_s * 1e3:.1f} ms "
-                f"| {measured * 1e3:.1f} ms | {it.serial_s / measured - 1:+.0%} | {it.overlap_s / measured - 1:+.0%} |"
-            )
-    net = hw.network
+        computes = (("1 process alone", alone[name]), ("2 processes, no comm", ddp[name]["busy_compute_s"]))
+        for hw in hws:
+            for label, step in computes:
+                it = predict_iteration(prof, hw, 2, 2 * BATCH, algorithm="ring", images_per_s=BATCH / step)
+                lines.append(
+                    f"| {name} | {params / 1e6:.2f}M | {params * 4 / 1e6:.1f} | {hw.name} | {label} "
+                    f"| {step * 1e3:.1f} ms | {it.comm_s * 1e3:.1f} ms | {ddp[name]['comm_s'] * 1e3:.1f} ms "
+                    f"| {it.serial_s * 1e3:.1f} ms | {it.overlap_s * 1e3:.1f} ms | {measured * 1e3:.1f} ms "
+                    f"| {it.serial_s / measured - 1:+.0%} | {it.overlap_s / measured - 1:+.0%} |"
+                )
+    fits = "; ".join(
+        f"{hw.name}: alpha {hw.network.alpha:.3g} s, beta {hw.network.beta:.3g} s/B, gamma {hw.network.gamma:.3g} s/B"
+        for hw in hws
+    )
     text = "\n".join(
         [
-            f"hardware {hw.name}: alpha {net.alpha:.3g} s, beta {net.beta:.3g} s/B, gamma {net.gamma:.3g} s/B; "
-            f"batch {BATCH} per process, {STEPS} timed steps after {WARMUP}, torch {torch.__version__}; "
+            f"{fits}; batch {BATCH} per process, {STEPS} timed steps after {WARMUP}, torch {torch.__version__}; "
             f"1-minute load average {load0:.2f} before, {ddp['loadavg_start']:.2f} / {ddp['loadavg_end']:.2f} "
             "at start / end of the torchrun part (2 cores)",
             "",

@@ -131,7 +131,7 @@ def bench_comm(processes: int = 2, sizes: Sequence[int] | None = None, reps: int
     return backend, sizes, queue.get()
 
 
-def measure_gamma(sizes: Sequence[int] = (2**20, 2**22, 2**24, 2**26), reps: int = 5) -> float:
+def measure_gamma(sizes: Sequence[int] = (2**20, 2**22, 2**24, 2**26), reps: int = 9) -> float:
     """Seconds per byte reduced: the slope of the time of ``a += b`` (float32, one process) against bytes."""
     import torch
 

@@ -66,7 +66,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sustained-fraction", type=float, help="override the hardware's fraction of peak FLOP/s")
     p.add_argument("--profile-source", default="auto", choices=["auto", "models", "paper"],
                    help="where params/FLOPs come from: largebatch.models, PAPER.md figures, or auto")
-    p.add_argument("--params", type=int, help="parameters, for a model without a profile")
+    p.add_argument("--params", type=lambda s: int(float(s)), help="parameters, for a model without a profile")
     p.add_argument("--flops", type=float, help="forward FLOPs per image, for a model without a profile")
     p.add_argument("--out", help="directory for plan-<model>-<hardware>.md and .png")
     p.add_argument("--allreduce-table", action="store_true",
