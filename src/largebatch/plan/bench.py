@@ -28,6 +28,7 @@ __all__ = [
     "default_sizes",
     "fit_network",
     "measure_compute",
+    "measure_compute_concurrent",
     "measure_gamma",
     "parse_size",
     "resolve_bench_model",
@@ -207,6 +208,34 @@ def resolve_bench_model(name: str, num_classes: int = 1000, image_size: int | No
         raise PlanError(f"unknown model {name!r} (neither largebatch.models nor torchvision knows it)") from None
     size = image_size or 224
     return net, (3, size, size)
+
+
+def _compute_worker(rank: int, name: str, num_classes: int, image_size: int | None, batch: int, steps: int,
+                    warmup: int, threads: int, barrier, queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, shape = resolve_bench_model(name, num_classes, image_size)
+    barrier.wait()  # all copies build first, then run their steps at the same time
+    queue.put(measure_compute(model, shape, batch, steps, warmup, None, num_classes))
+
+
+def measure_compute_concurrent(name: str, processes: int, batch: int, steps: int = 10, warmup: int = 2,
+                               threads: int | None = None, num_classes: int = 1000,
+                               image_size: int | None = None) -> float:
+    """Median step seconds of the slowest of ``processes`` copies training at once, no communication.
+
+    The per-process rate of a data-parallel job is the rate with every process of the machine
+    busy (shared memory bandwidth, clocks), which can be well below one process's rate alone.
+    """
+    import torch.multiprocessing as mp
+
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.SimpleQueue(), ctx.Barrier(processes)
+    mp.start_processes(_compute_worker, args=(name, num_classes, image_size, batch, steps, warmup, threads,
+                                              barrier, queue), nprocs=processes, join=True, start_method="spawn")
+    return max(queue.get() for _ in range(processes))
 
 
 def measure_compute(model, input_shape: tuple[int, ...], batch: int, steps: int = 10, warmup: int = 2,

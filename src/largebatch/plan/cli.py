@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=32, help="per-process batch (default 32)")
     m.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     m.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    m.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    m.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice; cores/N with N)")
+    m.add_argument("--processes", type=int, default=1,
+                   help="run N copies at once and report the slowest: the per-process rate of an N-process job")
     m.add_argument("--image-size", type=int, help="input side (default: the model's)")
     m.add_argument("--num-classes", type=int, default=1000)
     m.add_argument("--yaml", help="write or update this hardware YAML with compute.images_per_s[MODEL]")
@@ -211,7 +214,9 @@ def run_bench(args) -> int:
     from largebatch.plan import bench
     from largebatch.plan.costs import allreduce_time
 
-    today = datetime.date.today().isoformat()
+    # other work on the machine slows every measurement: the load average goes into the source line
+    load = os.getloadavg()[0]
+    today = f"{datetime.date.today().isoformat()}, 1-min load average {load:.2f} on {os.cpu_count()} cores"
     if args.bench_command == "comm":
         sizes = bench.default_sizes(bench.parse_size(args.min_size), bench.parse_size(args.max_size))
         lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
@@ -244,13 +249,21 @@ def run_bench(args) -> int:
         return 0
     if args.batch < 1 or args.steps < 1:
         raise PlanError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")
+    if args.processes < 1:
+        raise PlanError(f"--processes must be >= 1, got {args.processes}")
     model, shape = bench.resolve_bench_model(args.model, args.num_classes, args.image_size)
-    step = bench.measure_compute(model, shape, args.batch, args.steps, args.warmup, args.threads, args.num_classes)
+    if args.processes == 1:
+        step = bench.measure_compute(model, shape, args.batch, args.steps, args.warmup, args.threads, args.num_classes)
+    else:
+        del model
+        step = bench.measure_compute_concurrent(args.model, args.processes, args.batch, args.steps, args.warmup,
+                                                args.threads, args.num_classes, args.image_size)
     ips = args.batch / step
-    print(f"{args.model}: batch {args.batch}, input {'x'.join(map(str, shape))}, median step {step * 1e3:.1f} ms, "
-          f"{ips:.1f} images/s")
+    print(f"{args.model}: batch {args.batch}, input {'x'.join(map(str, shape))}, {args.processes} process(es) at once, "
+          f"median step {step * 1e3:.1f} ms, {ips:.1f} images/s per process")
     if args.yaml:
         threads = f" --threads {args.threads}" if args.threads else ""
+        threads += f" --processes {args.processes}" if args.processes > 1 else ""
         _update_yaml(args.yaml, args.name, "compute", {"images_per_s": {args.model: float(f"{ips:.4g}")}},
                      f"compute.images_per_s.{args.model}: `largebatch bench compute {args.model} --batch {args.batch}"
                      f"{threads}` ({today}), median of {args.steps} steps")
