@@ -13,7 +13,9 @@ multiply-adds per image, 118 MB of gradients). For each, this script
    `largebatch bench comm`) and the throughput from step 1, and compares.
 
     PYTHONPATH=src python benchmarks/plan_validation.py \
-        --hardware src/largebatch/plan/hardware/dev-2core-gloo.yaml --out docs/results/planner_validation.md
+        --hardware src/largebatch/plan/hardware/dev-2core-gloo.yaml [--hardware another.yaml] --out run.md
+
+docs/results/planner_validation.md collects three such runs and what they mean.
 """
 
 from __future__ import annotations
