@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Any]:
-    return []
+    """Sub-commands that live with their own package (each sets ``args.run``)."""
+    from largebatch.plan.cli import add_bench_parser, add_plan_parser
+
+    return [add_plan_parser, add_bench_parser]
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -134,42 +137,55 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause and fix; imported only when one is raised (plan needs no torch)."""
     from largebatch.checkpoint import CheckpointError
     from largebatch.config import ConfigError
     from largebatch.data import DataError
-    from largebatch.distributed import shutdown
-    from largebatch.models import build_model  # noqa: F401  (import errors surface here, not mid-run)
+    from largebatch.plan.errors import PlanError
+
+    return (ConfigError, DataError, CheckpointError, PlanError, ValueError)
+
+
+def _stop_errors() -> tuple[type[BaseException], type[BaseException]]:
     from largebatch.trainer import DivergenceError, Preempted
 
+    return DivergenceError, Preempted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     handlers = {"train": run_train, "demo": run_demo}
-    handlers.update(getattr(args, "handlers", {}))
+    handler = handlers.get(args.command) or args.run
     try:
-        return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
-        if os.environ.get("LARGEBATCH_DEBUG"):
-            raise
-        _error(err)
-        return EXIT_USER_ERROR
-    except DivergenceError as err:
-        _error(err)
-        return EXIT_DIVERGED
-    except Preempted as err:
-        _error(err)
-        return EXIT_PREEMPTED
+        return handler(args)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     except Exception as err:
-        if os.environ.get("LARGEBATCH_DEBUG") or not _is_lost_peer(err):
+        if os.environ.get("LARGEBATCH_DEBUG"):
+            raise
+        diverged, preempted = _stop_errors() if args.command in handlers else ((), ())
+        if isinstance(err, _user_errors()):
+            _error(err)
+            return EXIT_USER_ERROR
+        if diverged and isinstance(err, diverged):
+            _error(err)
+            return EXIT_DIVERGED
+        if preempted and isinstance(err, preempted):
+            _error(err)
+            return EXIT_PREEMPTED
+        if not _is_lost_peer(err):
             raise
         _error(f"lost contact with another process ({_first_line(err)[:200]}); "
                "restart with --resume auto to continue from the last checkpoint")
         return EXIT_LOST_PEER
     finally:
-        shutdown()
+        if args.command in handlers:
+            from largebatch.distributed import shutdown
+
+            shutdown()
 
 
 def _is_lost_peer(err: BaseException) -> bool:

@@ -1,0 +1,162 @@
+"""Hardware descriptions: one small YAML file per machine, validated into a ``Hardware``.
+
+A file gives what one *process* has: its network figures (alpha, beta, gamma of the all-reduce
+cost model) and its compute, either as a sustained rate in FLOP/s (``flops``, or ``peak_flops``
+times an explicit ``sustained_fraction``) or as measured training images/s per model
+(``images_per_s``), which ``largebatch bench`` writes. Every number should say where it comes from:
+the shipped files (``largebatch/plan/hardware/*.yaml``) do so in comments and in ``sources``.
+
+    name: stampede2-knl
+    description: one Intel Xeon Phi 7250 node per process, 100 Gb/s Omni-Path
+    compute:
+      peak_flops: 6.09e12
+      sustained_fraction: 0.4
+      memory_bandwidth: 4.0e11      # optional: bytes/s, prices the optimizer update
+      images_per_s: {resnet50: 95.0} # optional: measured, preferred over FLOP/s
+    network: {alpha: 3.0e-6, beta: 8.0e-11, gamma: 7.0e-12}
+    sources: ["..."]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largebatch.plan.costs import Network
+from largebatch.plan.errors import PlanError
+
+__all__ = ["Hardware", "list_hardware", "load_hardware", "parse_hardware", "render_hardware"]
+
+_TOP = {"name", "description", "compute", "network", "sources"}
+_COMPUTE = {"flops", "peak_flops", "sustained_fraction", "memory_bandwidth", "images_per_s", "measured_batch"}
+_NETWORK = {"alpha", "beta", "gamma", "algorithm", "processes"}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one process has. ``flops`` is sustained FLOP/s (None if only images/s are known)."""
+
+    name: str
+    network: Network
+    flops: float | None = None
+    images_per_s: dict[str, float] = field(default_factory=dict)
+    memory_bandwidth: float | None = None
+    description: str = ""
+    sources: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _number(value: Any, where: str, *, positive: bool = True, at_most: float | None = None) -> float:
+    # PyYAML reads "1e-6" (no dot) as a string; accept it, reject everything else that is not a number
+    if isinstance(value, bool):
+        raise PlanError(f"{where} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or (x <= 0 if positive else x < 0):
+        raise PlanError(f"{where} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    if at_most is not None and x > at_most:
+        raise PlanError(f"{where} must be at most {at_most}, got {value!r}")
+    return x
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PlanError(f"{where} must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise PlanError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    return value
+
+
+def parse_hardware(data: Any, origin: str = "<hardware>") -> Hardware:
+    """Validate a loaded YAML document; every error names the file and the offending key."""
+    top = _mapping(data, origin, _TOP)
+    if "network" not in top:
+        raise PlanError(f"{origin}: missing 'network' (alpha, beta, gamma)")
+    net = _mapping(top["network"], f"{origin}: network", _NETWORK)
+    for key in ("alpha", "beta"):
+        if key not in net:
+            raise PlanError(f"{origin}: network.{key} is required")
+    network = Network(
+        alpha=_number(net["alpha"], f"{origin}: network.alpha"),
+        beta=_number(net["beta"], f"{origin}: network.beta"),
+        gamma=_number(net.get("gamma", 0.0), f"{origin}: network.gamma", positive=False),
+    )
+    comp = _mapping(top.get("compute", {}), f"{origin}: compute", _COMPUTE)
+    flops = None
+    if "flops" in comp:
+        if "peak_flops" in comp or "sustained_fraction" in comp:
+            raise PlanError(f"{origin}: give compute.flops or compute.peak_flops with sustained_fraction, not both")
+        flops = _number(comp["flops"], f"{origin}: compute.flops")
+    elif "peak_flops" in comp or "sustained_fraction" in comp:
+        if not ("peak_flops" in comp and "sustained_fraction" in comp):
+            raise PlanError(f"{origin}: compute.peak_flops and compute.sustained_fraction go together")
+        flops = _number(comp["peak_flops"], f"{origin}: compute.peak_flops") * _number(
+            comp["sustained_fraction"], f"{origin}: compute.sustained_fraction", at_most=1.0
+        )
+    ips_raw = comp.get("images_per_s", {}) or {}
+    if not isinstance(ips_raw, dict):
+        raise PlanError(f"{origin}: compute.images_per_s must map model names to images/s")
+    images_per_s = {str(k): _number(v, f"{origin}: compute.images_per_s.{k}") for k, v in ips_raw.items()}
+    if flops is None and not images_per_s:
+        raise PlanError(f"{origin}: compute needs flops, peak_flops with sustained_fraction, or images_per_s")
+    membw = comp.get("memory_bandwidth")
+    sources = top.get("sources", []) or []
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise PlanError(f"{origin}: sources must be a list of strings")
+    name = top.get("name")
+    if not isinstance(name, str) or not name:
+        raise PlanError(f"{origin}: name must be a non-empty string")
+    return Hardware(
+        name=name,
+        network=network,
+        flops=flops,
+        images_per_s=images_per_s,
+        memory_bandwidth=None if membw is None else _number(membw, f"{origin}: compute.memory_bandwidth"),
+        description=str(top.get("description", "")),
+        sources=tuple(sources),
+        raw=top,
+    )
+
+
+def _builtin_dir():
+    return resources.files("largebatch.plan") / "hardware"
+
+
+def list_hardware() -> list[str]:
+    """Names of the hardware files shipped with the package."""
+    return sorted(p.name[: -len(".yaml")] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_hardware(spec: str | Path) -> Hardware:
+    """Load a shipped description by name (``stampede2-knl``) or any YAML file by path."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PlanError(f"hardware file {str(spec)!r} does not exist")
+        text, origin = path.read_text(), str(path)
+    else:
+        entry = _builtin_dir() / f"{spec}.yaml"
+        if not entry.is_file():
+            shipped = ", ".join(list_hardware())
+            raise PlanError(f"unknown hardware {str(spec)!r}; shipped: {shipped}, or give a .yaml path")
+        text, origin = entry.read_text(), f"{spec}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PlanError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_hardware(data, origin)
+
+
+def render_hardware(data: dict[str, Any], header: str = "") -> str:
+    """YAML text for a description (used by ``largebatch bench`` to write measured files)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return "\n".join([*lines, body]) if lines else body

@@ -1,0 +1,171 @@
+"""Iteration and time-to-train predictions for synchronous data-parallel SGD.
+
+One iteration on p processes at global batch B (strong scaling: B fixed, b = B/p per process):
+
+    compute  = b * 3 * F / R          F forward FLOPs per image, R sustained FLOP/s; backward ~ 2x forward
+               (or b / images_per_s when a measured training throughput is given)
+    update   = params * U / memory_bandwidth   the optimizer step, memory-bound (FLOP/s path only;
+               a measured images/s already contains it)
+    comm     = sum over gradient buckets of allreduce(bucket bytes)
+    serial   = forward + backward + comm + update
+    overlap  = forward + max(backward + comm(last bucket), comm) + update
+
+The overlapped form is the ideal bucketed schedule of DDP: buckets are all-reduced while
+backward continues, but the last bucket can only start when backward ends. Scaling efficiency
+is T(1) / (p T(p)) = compute / iteration time, since compute is linear in b and one process
+does not communicate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from largebatch.plan.costs import allreduce_time, best_algorithm
+from largebatch.plan.errors import PlanError
+from largebatch.plan.hardware import Hardware
+from largebatch.plan.model import Profile
+
+__all__ = [
+    "IterationPrediction",
+    "TrainingPrediction",
+    "bucket_sizes",
+    "comm_time",
+    "iterations",
+    "predict",
+    "predict_iteration",
+]
+
+# fp32 gradients
+GRAD_BYTES = 4
+# the optimizer's memory traffic per parameter: LARS reads w, g, v and writes v, w (20 bytes),
+# plus the two norms read w and g again (8 bytes)
+UPDATE_BYTES = 28
+# PyTorch DDP's default bucket_cap_mb
+DEFAULT_BUCKET = 25 * 2**20
+
+
+def iterations(epochs: float, dataset_size: int, global_batch: int) -> int:
+    """Iterations to see ``epochs`` passes of the data: ceil(epochs * N / B) (PAPER.md's convention)."""
+    if epochs <= 0 or dataset_size <= 0 or global_batch <= 0:
+        got = f"{epochs}, {dataset_size}, {global_batch}"
+        raise PlanError(f"epochs, dataset size and global batch must be > 0, got {got}")
+    return math.ceil(epochs * dataset_size / global_batch - 1e-9)
+
+
+def bucket_sizes(total: float, bucket: float | None) -> list[float]:
+    """Gradient bytes split as DDP does by size: full buckets, then the remainder."""
+    if not bucket or bucket >= total:
+        return [total]
+    full = int(total // bucket)
+    rest = total - full * bucket
+    return [bucket] * full + ([rest] if rest > 0 else [])
+
+
+def comm_time(hw: Hardware, processes: int, grad_bytes: float, algorithm: str = "best",
+              bucket_bytes: float | None = DEFAULT_BUCKET) -> tuple[float, float, str]:
+    """(total seconds, seconds of the last bucket, algorithm used for the largest bucket)."""
+    sizes = bucket_sizes(grad_bytes, bucket_bytes)
+    times = [allreduce_time(algorithm, processes, s, hw.network) for s in sizes]
+    used = best_algorithm(processes, sizes[0], hw.network)[0] if algorithm == "best" else algorithm
+    return sum(times), times[-1], used
+
+
+@dataclass(frozen=True)
+class IterationPrediction:
+    processes: int
+    per_process_batch: float
+    forward_s: float
+    backward_s: float
+    update_s: float
+    comm_s: float
+    last_bucket_s: float
+    algorithm: str
+
+    @property
+    def compute_s(self) -> float:
+        """Forward, backward and optimizer update: what one process would do alone per image share."""
+        return self.forward_s + self.backward_s + self.update_s
+
+    @property
+    def serial_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+    @property
+    def overlap_s(self) -> float:
+        if self.processes == 1:
+            return self.compute_s
+        return self.forward_s + max(self.backward_s + self.last_bucket_s, self.comm_s) + self.update_s
+
+    def efficiency(self, overlap: bool = False) -> float:
+        """T(1) / (p T(p)); the optimizer update is per process, so it does not shrink with p."""
+        work = self.forward_s + self.backward_s
+        return (work + self.update_s / self.processes) / (self.overlap_s if overlap else self.serial_s)
+
+
+def predict_iteration(
+    profile: Profile,
+    hw: Hardware,
+    processes: int,
+    global_batch: int,
+    *,
+    algorithm: str = "best",
+    bucket_bytes: float | None = DEFAULT_BUCKET,
+    images_per_s: float | None = None,
+    backward_ratio: float = 2.0,
+) -> IterationPrediction:
+    """One iteration's time split, from FLOPs and hardware.flops, or from a measured images/s.
+
+    ``images_per_s`` (argument, else ``hw.images_per_s[profile.name]``) is a per-process training
+    throughput that already includes the optimizer step, so no update term is added to it.
+    """
+    if processes < 1 or int(processes) != processes:
+        raise PlanError(f"process counts must be positive integers, got {processes}")
+    b = global_batch / processes
+    if images_per_s is None:
+        images_per_s = hw.images_per_s.get(profile.name)
+    if images_per_s is not None:
+        step = b / images_per_s
+        update = 0.0
+    else:
+        if hw.flops is None:
+            known = ", ".join(sorted(hw.images_per_s)) or "none"
+            raise PlanError(
+                f"hardware {hw.name!r} has no FLOP/s and no images/s for {profile.name!r} (measured: {known})"
+            )
+        step = b * (1 + backward_ratio) * profile.flops / hw.flops
+        update = profile.params * UPDATE_BYTES / hw.memory_bandwidth if hw.memory_bandwidth else 0.0
+    fwd = step / (1 + backward_ratio)
+    if processes == 1:
+        comm, last, used = 0.0, 0.0, "none"
+    else:
+        comm, last, used = comm_time(hw, processes, profile.params * GRAD_BYTES, algorithm, bucket_bytes)
+    return IterationPrediction(processes, b, fwd, step - fwd, update, comm, last, used)
+
+
+@dataclass(frozen=True)
+class TrainingPrediction:
+    iteration: IterationPrediction
+    iterations: int
+
+    @property
+    def processes(self) -> int:
+        return self.iteration.processes
+
+    def time_to_train(self, overlap: bool = False) -> float:
+        it = self.iteration
+        return self.iterations * (it.overlap_s if overlap else it.serial_s)
+
+
+def predict(
+    profile: Profile,
+    hw: Hardware,
+    processes: list[int],
+    global_batch: int,
+    epochs: float,
+    dataset_size: int,
+    **options,
+) -> list[TrainingPrediction]:
+    """Predictions for each process count; options as for :func:`predict_iteration`."""
+    n_iter = iterations(epochs, dataset_size, global_batch)
+    return [TrainingPrediction(predict_iteration(profile, hw, p, global_batch, **options), n_iter) for p in processes]

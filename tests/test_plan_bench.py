@@ -1,0 +1,91 @@
+"""Calibration fits recover known constants; the CLI prints one-line errors and writes its outputs."""
+
+import pytest
+
+from largebatch.cli import main
+from largebatch.plan.bench import default_sizes, fit_network, parse_size
+from largebatch.plan.cli import parse_processes
+from largebatch.plan.costs import Network, allreduce_time
+from largebatch.plan.errors import PlanError
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "rabenseifner"])
+@pytest.mark.parametrize("p", [2, 4, 6])
+def test_fit_recovers_alpha_beta_from_synthetic_times(algorithm, p):
+    true = Network(alpha=2.5e-5, beta=7e-10, gamma=1e-10)
+    sizes = default_sizes()
+    times = [allreduce_time(algorithm, p, n, true) for n in sizes]
+    fit = fit_network(sizes, times, p, algorithm, gamma=true.gamma)
+    assert fit.network.alpha == pytest.approx(true.alpha, rel=1e-6)
+    assert fit.network.beta == pytest.approx(true.beta, rel=1e-6)
+    assert fit.max_rel_error < 1e-6
+
+
+def test_fit_with_noise_stays_close():
+    import numpy as np
+
+    true = Network(alpha=1e-4, beta=1e-9)
+    sizes = default_sizes()
+    rng = np.random.default_rng(1)
+    times = [allreduce_time("ring", 2, n, true) * (1 + rng.normal(0, 0.03)) for n in sizes]
+    fit = fit_network(sizes, times, 2)
+    assert fit.network.alpha == pytest.approx(true.alpha, rel=0.1)
+    assert fit.network.beta == pytest.approx(true.beta, rel=0.1)
+
+
+def test_fit_clamps_negative_latency():
+    sizes = [2**20, 2**24, 2**28]
+    times = [n * 1e-9 - 1e-5 for n in sizes]  # a line through a negative intercept
+    fit = fit_network(sizes, times, 2)
+    assert fit.network.alpha == 0.0 and fit.network.beta > 0
+
+
+def test_sizes_and_processes_parsing():
+    assert default_sizes()[0] == 1024 and default_sizes()[-1] == 256 * 2**20 and len(default_sizes()) == 10
+    assert parse_size("64M") == 64 * 2**20 and parse_size("1k") == 1024
+    with pytest.raises(PlanError):
+        parse_size("lots")
+    assert parse_processes("1:16") == [1, 2, 4, 8, 16]
+    assert parse_processes("3:12,1000") == [3, 4, 8, 12, 1000]
+    with pytest.raises(PlanError):
+        parse_processes("0,4")
+
+
+def test_plan_command_writes_table_and_plot(tmp_path, capsys):
+    rc = main(["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--profile-source", "paper",
+               "--processes", "512,2048", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "3519 iterations" in out and "| 2048 | 16 | 3519 |" in out
+    assert (tmp_path / "plan-resnet50-stampede2-knl.png").stat().st_size > 1000
+    assert "| 512 |" in (tmp_path / "plan-resnet50-stampede2-knl.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_compute_writes_images_per_s(tmp_path, capsys):
+    yaml_path = tmp_path / "hw.yaml"
+    yaml_path.write_text("name: t\nnetwork: {alpha: 1.0e-4, beta: 1.0e-9}\n")
+    assert main(["bench", "compute", "resnet18", "--batch", "2", "--steps", "1", "--warmup", "0",
+                 "--image-size", "32", "--num-classes", "10", "--yaml", str(yaml_path)]) == 0
+    from largebatch.plan.hardware import load_hardware
+
+    hw = load_hardware(yaml_path)
+    assert hw.images_per_s["resnet18"] > 0 and hw.network.alpha == 1e-4
+    assert any(s.startswith("compute.images_per_s.resnet18:") for s in hw.sources)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--model", "resnet50"],
+        ["plan", "--model", "nope", "--hardware", "stampede2-knl"],
+        ["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--processes", "x"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--sustained-fraction", "3"],
+        ["bench", "compute", "no_such_net"],
+        ["bench", "comm", "--fit-min-size", "1G"],
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("largebatch: error: ") and "\n" not in err
