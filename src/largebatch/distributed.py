@@ -50,8 +50,27 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600.0) 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(rank, world, timeout),
+                                rank=rank, world_size=world)
     return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this launch attempt.
+
+    After a restart (``torchrun --max-restarts``) the agent's store still holds the addresses the
+    previous attempt's processes published; a new process can read a dead peer's address before
+    the peer's successor overwrites it and then fail to connect (pytorch/pytorch#167288). A
+    prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps the attempts apart.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+        is_master=rank == 0 and not agent_hosts_store, timeout=timeout, wait_for_workers=False,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"largebatch/attempt{attempt}", store)
 
 
 def shutdown() -> None:
