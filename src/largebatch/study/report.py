@@ -108,10 +108,12 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
         f"{o.label} {_trials_text(spec, o.label)}" for o in spec.optimizers
     )
     diverged = [r for r in results if r.status == "diverged"]
+    further = (f"then runs on seed(s) {', '.join(map(str, seeds[1:]))}" if seeds[1:]
+               else "is the only run (one seed)")
     lines += [
         f"Same epoch budget for every batch. Learning-rate search per (optimizer, batch) cell: every "
         f"candidate runs on seed {seeds[0]}; the best final top-1 (ties: the smaller rate; diverged runs "
-        f"never win) then runs on seed(s) {', '.join(map(str, seeds[1:])) or '(none)'}. "
+        f"never win) {further}. "
         f"Trials per cell: {per_cell}. Trials recorded: {len(results)}, of which {len(diverged)} diverged.",
         "",
         "Top-1 is the final evaluation, in %: mean ± sample standard deviation over seeds, and the "
@@ -173,7 +175,7 @@ def _trials_text(spec: SweepSpec, label: str) -> str:
     counts = sorted({len(spec.optimizer(label).lrs[b]) for b in spec.batch_sizes})
     candidates = "/".join(map(str, counts))
     total = "/".join(str(c + len(spec.seeds) - 1) for c in counts)
-    return f"{total} ({candidates} lr candidates + {len(spec.seeds) - 1} further seed(s))"
+    return f"{total} ({candidates} lr candidate(s) + {len(spec.seeds) - 1} further seed(s))"
 
 
 def plot(path: Path, spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialResult]) -> None:
