@@ -1,4 +1,4 @@
-"""Command line: `largebatch train | demo` (and, as they land, `sweep | plan | bench`).
+"""Command line: `largebatch train | demo | sweep` (and, as they land, `plan | bench`).
 
 Every mistake a user can make ends in one line on stderr, ``largebatch: error: ...``, and exit
 status 2; a diverged run exits 3, a pre-empted one (SIGTERM) 143 after writing its checkpoint.
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Any]:
     """Sub-commands that live with their own package (each sets ``args.run``)."""
     from largebatch.plan.cli import add_bench_parser, add_plan_parser
+    from largebatch.study.command import register as register_sweep
 
-    return [add_plan_parser, add_bench_parser]
+    return [register_sweep, add_plan_parser, add_bench_parser]
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
