@@ -209,21 +209,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file holding a mapping; ``what`` names it in the one-line errors."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then overrides (dotted keys), then validation."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(tree).__name__}")
+    tree = read_yaml_mapping(path, "config file") if path is not None else {}
     for key, value in overrides or []:
         _set_dotted(tree, key, value)
     config = _build(TrainConfig, tree, "")

@@ -32,7 +32,14 @@ from typing import Any
 
 import yaml
 
-from largebatch.config import OPTIMIZERS, ConfigError, TrainConfig, load_config, unknown_key_message
+from largebatch.config import (
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    read_yaml_mapping,
+    unknown_key_message,
+)
 
 SPEC_KEYS = ("base", "batch_sizes", "max_micro_batch", "seeds", "optimizers")
 OPTIMIZER_KEYS = ("name", "lrs", "set")
@@ -266,15 +273,5 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
 
 def load_spec(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> SweepSpec:
     """Read a spec file, apply ``--set`` overrides, validate."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read sweep spec {path}: {err.strerror}") from None
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"sweep spec {path} must hold a mapping, got {type(tree).__name__}")
+    tree = read_yaml_mapping(path, "sweep spec")
     return build_spec(apply_overrides(tree, overrides or []))
