@@ -143,4 +143,4 @@ def test_demo_recipe_learns_fashion_mnist_in_a_short_run(tmp_path):
     from largebatch.demo import demo_config
 
     result = train(demo_config(out=str(tmp_path / "demo"), epochs=4, progress=False))
-    assert result.top1 is not None and result.top1 > 75.0
+    assert result.top1 is not None and result.top1 > 78.0  # 82.6% measured here (40 epochs: 91.1%)
