@@ -40,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override any config key, dotted (e.g. optim.trust_coefficient=0.002); repeatable")
     for flag, (key, tp, text) in TRAIN_FLAGS.items():
-        parser.add_argument(flag, type=tp, dest=key.replace(".", "__"), help=f"{text} [{key}]")
+        parser.add_argument(flag, type=tp, dest=key.replace(".", "__"), help=f"{text} [{key}]",
+                            metavar=flag.lstrip("-").replace("-", "_").upper())
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or from the newest valid one in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")

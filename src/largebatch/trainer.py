@@ -335,9 +335,10 @@ class Trainer:
         """One all-reduce of the divergence flags kept on the device since the last check."""
         flags = all_reduce_sum(self._bad.clone())
         if flags.item() > 0:
-            first = self._first_bad.clone()
+            # the earliest step at which any rank saw it (ranks that saw nothing hold -1)
+            first = torch.where(self._first_bad < 0, float(self.total_steps), self._first_bad)
             if torch.distributed.is_initialized() and self.env.distributed:
-                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
+                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
             step = int(first.item())
             raise DivergenceError(
                 f"non-finite loss or gradient at step {step} (lr {self.schedule(max(step, 0)):.4g}); "
