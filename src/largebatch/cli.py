@@ -149,10 +149,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, PlanError, ValueError)
 
 
-def _stop_errors() -> tuple[type[BaseException], type[BaseException]]:
-    from largebatch.trainer import DivergenceError, Preempted
+def _exit_status(err: BaseException) -> int | None:
+    """The exit status for an error that ends a run in one line, or None for a bug (traceback)."""
+    if isinstance(err, _user_errors()):
+        return EXIT_USER_ERROR
+    if "largebatch.trainer" in sys.modules:  # only a training run can diverge or be pre-empted
+        from largebatch.trainer import DivergenceError, Preempted
 
-    return DivergenceError, Preempted
+        if isinstance(err, DivergenceError):
+            return EXIT_DIVERGED
+        if isinstance(err, Preempted):
+            return EXIT_PREEMPTED
+    if _is_lost_peer(err):
+        return EXIT_LOST_PEER
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,23 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as err:
-        if os.environ.get("LARGEBATCH_DEBUG"):
+        status = None if os.environ.get("LARGEBATCH_DEBUG") else _exit_status(err)
+        if status is None:
             raise
-        diverged, preempted = _stop_errors() if args.command in handlers else ((), ())
-        if isinstance(err, _user_errors()):
+        if status == EXIT_LOST_PEER:
+            _error(f"lost contact with another process ({_first_line(err)[:200]}); "
+                   "restart with --resume auto to continue from the last checkpoint")
+        else:
             _error(err)
-            return EXIT_USER_ERROR
-        if diverged and isinstance(err, diverged):
-            _error(err)
-            return EXIT_DIVERGED
-        if preempted and isinstance(err, preempted):
-            _error(err)
-            return EXIT_PREEMPTED
-        if not _is_lost_peer(err):
-            raise
-        _error(f"lost contact with another process ({_first_line(err)[:200]}); "
-               "restart with --resume auto to continue from the last checkpoint")
-        return EXIT_LOST_PEER
+        return status
     finally:
         if args.command in handlers:
             from largebatch.distributed import shutdown
