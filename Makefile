@@ -32,8 +32,11 @@ lint: setup
 demo: setup data
 	$(VENV)/bin/largebatch demo
 
-bench: setup
+bench: setup data
 	$(PY) benchmarks/optimizer_step.py
+	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/scaling_cpu.py
+	$(PY) benchmarks/data_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
