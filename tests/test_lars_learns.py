@@ -18,11 +18,12 @@ def test_lars_trains_a_small_model_on_fashion_mnist(fused, seed):
     data = build_dataset("fashion_mnist", root=None, device=torch.device("cpu"), seed=seed, augment=False)
     model = build_model("mlp", num_classes=10, hidden=128, depth=1)
     batch, steps_per_epoch = 1024, data.steps_per_epoch(1024)
-    total = 3 * steps_per_epoch  # 174 steps
+    epochs = 5
+    total = epochs * steps_per_epoch  # 290 steps
     schedule = WarmupDecay(base_lr=4.0, warmup_steps=steps_per_epoch // 2, total_steps=total)
     opt = LARS(param_groups(model, 5e-4), lr=schedule(0), trust_coefficient=0.01, fused=fused)
     step = 0
-    for epoch in range(3):
+    for epoch in range(epochs):
         for [(x, y)] in data.train_batches(epoch, batch, batch, rank=0, world=1):
             for group in opt.param_groups:
                 group["lr"] = schedule(step)
@@ -36,4 +37,4 @@ def test_lars_trains_a_small_model_on_fashion_mnist(fused, seed):
             correct += (model(x).argmax(1) == y).sum().item()
             total_seen += y.numel()
     assert total_seen == 10_000
-    assert correct / total_seen > 0.82
+    assert correct / total_seen > 0.85  # 87.6-87.7% measured (a linear model reaches about 84%)
