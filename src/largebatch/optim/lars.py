@@ -38,7 +38,8 @@ __all__ = ["LARS", "lars_trust_ratio"]
 
 
 def lars_trust_ratio(
-    w_norm: Tensor, g_norm: Tensor, trust_coefficient: float, weight_decay: float, eps: float
+    w_norm: Tensor, g_norm: Tensor, trust_coefficient: float | Tensor, weight_decay: float | Tensor,
+    eps: float | Tensor,
 ) -> Tensor:
     """r = eta*||w|| / (||g|| + b*||w|| + e), and 1 where either norm is zero."""
     return safe_ratio(
@@ -257,7 +258,7 @@ def _fused_rate(p: Tensor, g: Tensor, hyper: Tensor) -> tuple[Tensor, ...]:
     lr, momentum, wd, eta, eps, adapt, clip, nesterov = hyper.unbind(0)
     w_norm = torch.linalg.vector_norm(p, dtype=hyper.dtype)
     g_norm = torch.linalg.vector_norm(g, dtype=hyper.dtype)
-    r = safe_ratio(eta * w_norm, g_norm + wd * w_norm + eps, w_norm, g_norm)
+    r = lars_trust_ratio(w_norm, g_norm, eta, wd, eps)  # hyper-parameters as tensors: one graph
     r = torch.where(clip > 0, r.clamp(max=1.0), r)
     r = torch.where(adapt > 0, r, torch.ones_like(r))
     step = ((lr * r) * (g.to(hyper.dtype) + wd * p.to(hyper.dtype))).to(p.dtype)
