@@ -98,6 +98,12 @@ def test_miniature_sweep_writes_table_csv_and_plot(finished):
         config = yaml.safe_load((cells / Trial(label, batch, best, 1).name / "config.yaml").read_text())
         assert (config["batch_size"], config["micro_batch"], config["seed"]) == (batch, 64, 1)
         assert (cells / Trial(label, batch, best, 1).name / "checkpoints").is_dir()
+    # what the larger batch costs: each optimizer against itself at the smallest batch
+    for label in ("lars", "sgd"):
+        small, large = (next(r for r in rows if r["optimizer"] == label and int(r["batch"]) == b) for b in (64, 128))
+        assert float(small["top1_vs_smallest"]) == 0.0
+        expected = float(large["top1_mean"]) - float(small["top1_mean"])
+        assert float(large["top1_vs_smallest"]) == pytest.approx(expected, abs=1e-4)
     sgd_rows = [r for r in rows if r["optimizer"] == "sgd"]
     assert all(int(r["lr_trials_diverged"]) == 1 and float(r["best_lr"]) == 0.05 for r in sgd_rows)
     # linear scaling of the baseline's rate from batch 256
@@ -108,7 +114,7 @@ def test_miniature_sweep_writes_table_csv_and_plot(finished):
     assert len(list(cells.iterdir())) == len(trials)
 
     md = (out / "summary.md").read_text()
-    assert "| batch | iters/epoch | optimizer | best lr |" in md
+    assert "| batch | iters/epoch | optimizer | best lr |" in md and "| vs 64 |" in md
     for row in rows:
         assert f"| {row['batch']} | {row['iters_per_epoch']} | {row['optimizer']} |" in md
     assert "Diverged: sgd_b64_lr1e+30_s0" in md and "Trials per cell: lars 3" in md

@@ -19,8 +19,8 @@ from largebatch.study.runner import TrialResult, cell_trials, select_best
 
 SUMMARY_COLUMNS = (
     "batch", "optimizer", "best_lr", "peak_lr", "top1_mean", "top1_std", "top1_min", "top1_max",
-    "seeds", "seeds_diverged", "lr_trials", "lr_trials_diverged", "best_lr_at_edge", "iters_per_epoch",
-    "images_per_epoch", "steps", "wall_s", "cell_wall_s", "status",
+    "top1_vs_smallest", "seeds", "seeds_diverged", "lr_trials", "lr_trials_diverged", "best_lr_at_edge",
+    "iters_per_epoch", "images_per_epoch", "steps", "wall_s", "cell_wall_s", "status",
 )
 TRIAL_COLUMNS = tuple(f.name for f in fields(TrialResult))
 # an epoch that leaves out more of the training set than this is flagged in the Markdown
@@ -32,7 +32,11 @@ def batch_label(batch: int) -> str:
 
 
 def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any]]:
-    """One row per cell that has started, in spec order; unfinished cells have status incomplete."""
+    """One row per cell that has started, in spec order; unfinished cells have status incomplete.
+
+    ``top1_vs_smallest`` is the mean top-1 minus that of the same optimizer at the smallest batch
+    of the spec, in points: what the larger batch costs under the same epoch budget.
+    """
     by_name = {r.trial.name: r for r in results}
     iters = {r.batch: r.steps_per_epoch for r in results}
     rows = []
@@ -72,6 +76,11 @@ def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any
                 status="ok" if len(runs) == len(spec.seeds) else "incomplete",
             )
             rows.append(row)
+    reference = {r["optimizer"]: r["top1_mean"] for r in rows
+                 if r["batch"] == spec.batch_sizes[0] and r["top1_mean"] != ""}
+    for row in rows:
+        if row["top1_mean"] != "" and row["optimizer"] in reference:
+            row["top1_vs_smallest"] = row["top1_mean"] - reference[row["optimizer"]]
     return rows
 
 
@@ -121,9 +130,12 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
         "\"peak lr\" is the rate after warm-up, after the config's scaling rule (linear for the SGD "
         "baseline).",
         "",
-        "| batch | iters/epoch | optimizer | best lr | peak lr | top-1 mean ± std | min–max | seeds | "
-        "lr trials | steps | s/run |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"\"vs {batch_label(spec.batch_sizes[0])}\" is the mean top-1 minus that of the same optimizer "
+        f"at batch {spec.batch_sizes[0]}, in points.",
+        "",
+        f"| batch | iters/epoch | optimizer | best lr | peak lr | top-1 mean ± std | min–max | "
+        f"vs {batch_label(spec.batch_sizes[0])} | seeds | lr trials | steps | s/run |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         edge = " †" if row["best_lr_at_edge"] is True else ""
@@ -145,7 +157,8 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
         best = format_lr(row["best_lr"]) + edge if row["best_lr"] != "" else ""
         lines.append(
             f"| {row['batch']} | {row['iters_per_epoch']} | {row['optimizer']} | {best} | "
-            f"{_fmt(row['peak_lr'], '.4g')} | {score} | {spread} | {row['seeds'] or ''} | {lr_trials} | "
+            f"{_fmt(row['peak_lr'], '.4g')} | {score} | {spread} | {_fmt(row['top1_vs_smallest'], '+.2f')} | "
+            f"{row['seeds'] or ''} | {lr_trials} | "
             f"{row['steps']} | {_fmt(row['wall_s'], '.1f')} |"
         )
     notes = []
