@@ -15,9 +15,9 @@ import yaml
 from largebatch.cli import main
 from largebatch.config import ConfigError
 from largebatch.study import grid, runner
-from largebatch.study.grid import Trial, build_spec, load_spec, parse_spec_override
+from largebatch.study.grid import Trial, build_spec, load_spec, parse_spec_override, rate_beyond_edge
 from largebatch.study.report import SUMMARY_COLUMNS, write_report
-from largebatch.study.runner import run_sweep, run_trial
+from largebatch.study.runner import TrialResult, run_sweep, run_trial
 from largebatch.trainer import Preempted, Trainer
 
 NUM_TRAIN = 512
@@ -230,6 +230,66 @@ def test_a_cell_where_every_rate_diverges(tmp_path):
     assert paths["plot"].stat().st_size > 0
 
 
+# ---- searching past the edge of the candidates ---------------------------------------------
+
+
+def scored_trial(peak_lr: float):
+    """A stand-in for the trainer whose top-1 peaks at ``peak_lr`` (log scale); records its calls."""
+    import math
+
+    calls: list[str] = []
+
+    def trial_fn(trial: Trial, config, resume) -> TrialResult:
+        calls.append(trial.name)
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        top1 = 90.0 - abs(math.log2(trial.lr / peak_lr)) - 0.01 * trial.seed
+        return TrialResult(trial.label, "lars", trial.batch, trial.lr, trial.lr, trial.seed, "ok", top1, 99.0,
+                           10, 10, 5, 2, trial.batch, 1, NUM_TRAIN, 4, 1.0)
+
+    return trial_fn, calls
+
+
+def test_rate_beyond_edge_follows_the_outermost_ratio():
+    assert rate_beyond_edge([2.5, 5, 10], 10) == 20
+    assert rate_beyond_edge([0.05, 0.1, 0.2], 0.05) == 0.025
+    assert rate_beyond_edge([1, 3], 3) == 9 and rate_beyond_edge([1, 3], 1) == 0.3333
+    assert rate_beyond_edge([2.5, 5, 10], 5) is None  # inside
+    assert rate_beyond_edge([4], 4) is None  # one rate: no ratio to follow
+
+
+@pytest.mark.parametrize(("candidates", "extend", "expected_rates", "best", "at_edge"), [
+    ([1, 2], 0, [1, 2], 2, True),  # no extension: the edge is marked
+    ([1, 2], 2, [1, 2, 4, 8], 8, True),  # stopped by the limit, still at the edge
+    ([1, 2], 5, [1, 2, 4, 8, 16], 8, False),  # walks up until the optimum is inside
+    ([32, 64], 5, [32, 64, 16, 8, 4], 8, False),  # and down
+    ([4, 8, 16], 5, [4, 8, 16], 8, False),  # inside from the start: nothing added
+])
+def test_search_steps_past_the_edge(tmp_path, candidates, extend, expected_rates, best, at_edge):
+    tree = dict(SPEC, batch_sizes=[64], seeds=[0, 1], extend_search=extend,
+                optimizers={"lars": {"lrs": candidates}})
+    spec = build_spec(tree)
+    trial_fn, calls = scored_trial(peak_lr=8.0)
+    results = run_sweep(spec, tmp_path, trial_fn=trial_fn, log=quiet)
+    assert calls == [Trial("lars", 64, lr, 0).name for lr in expected_rates] + [Trial("lars", 64, best, 1).name]
+    (row,) = read_csv(write_report(tmp_path, spec, results)["csv"])
+    assert float(row["best_lr"]) == best and int(row["lr_trials"]) == len(expected_rates)
+    assert row["best_lr_at_edge"] == str(at_edge) and row["status"] == "ok"
+    # a rerun replays the same search from the stored results and trains nothing
+    calls.clear()
+    assert [r.trial for r in run_sweep(spec, tmp_path, trial_fn=trial_fn, log=quiet)] == [r.trial for r in results]
+    assert calls == []
+
+
+def test_report_of_an_extension_in_progress_is_incomplete(tmp_path):
+    spec = build_spec(dict(SPEC, batch_sizes=[64], extend_search=3, optimizers={"lars": {"lrs": [1, 2]}}))
+    trial_fn, _ = scored_trial(peak_lr=8.0)
+    results = run_sweep(spec, tmp_path, trial_fn=trial_fn, log=quiet)
+    first_extension = next(r for r in results if r.lr == 4)
+    partial = results[: results.index(first_extension)]  # the candidates ran, the extension has not
+    (row,) = read_csv(write_report(tmp_path, spec, partial)["csv"])
+    assert row["status"] == "incomplete" and row["top1_mean"] == "" and int(row["lr_trials"]) == 2
+
+
 # ---- the spec -------------------------------------------------------------------------------
 
 
@@ -253,6 +313,7 @@ def test_per_batch_candidates_and_trial_counts():
     ({"base": {"batch_size": 64}}, "base.batch_size is set by the sweep"),
     ({"base": {"optim": {"lr": 1}}}, "base.optim.lr is set by the sweep"),
     ({"seeds": [0, 0]}, "seeds has repeated values"),
+    ({"extend_search": -1}, "extend_search must be an integer >= 0"),
     ({"batch_sizes": []}, "batch_sizes must be a non-empty list"),
     ({"optimizers": {"adam": {"lrs": [1]}}}, "optimizers.adam.name must be one of lars, lamb, sgd"),
     ({"optimizers": {"lars": {"lrs": [1, -2]}}}, "optimizers.lars.lrs must hold finite numbers > 0"),

@@ -73,3 +73,7 @@ def print_plan(spec, img_per_s: float | None) -> None:
     if img_per_s:
         line += f", about {total_images / img_per_s / 3600:.2f} h at {img_per_s:,.0f} img/s (evaluation not counted)"
     print(line)
+    if spec.extend_search:
+        cells = len(spec.batch_sizes) * len(spec.optimizers)
+        print(f"extend_search: {spec.extend_search}: each of the {cells} cells may add up to {spec.extend_search} "
+              "rate(s) past the edge of its candidates (and its further seeds rerun at a new best), not counted above")

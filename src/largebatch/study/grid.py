@@ -8,6 +8,7 @@ A spec is a YAML mapping:
     batch_sizes: [256, 1024, 4096]
     max_micro_batch: 128     # larger batches accumulate micro-batches of (at most) this size
     seeds: [0, 1]
+    extend_search: 1         # a best rate at the edge of the candidates tries one more beyond it
     optimizers:
       lars: {lrs: [5, 10, 20]}
       sgd:                   # the label; `name` defaults to it
@@ -15,8 +16,11 @@ A spec is a YAML mapping:
         set: {schedule.scaling: linear}
 
 ``lrs`` is either one list for every batch or a mapping batch -> list (the paper tuned the rate
-per batch size). The sweep itself sets batch_size, micro_batch, seed, optim.name, optim.lr and
-out, so those keys are refused in ``base`` and ``set``. Every trial's config is built and
+per batch size). ``extend_search`` (default 0) lets the search step past the candidates: while
+the best rate is the smallest or largest one tried, one more rate beyond it runs (the outermost
+ratio of the candidates, so x2 for a list doubling), at most that many times per cell. The
+sweep itself sets batch_size, micro_batch, seed, optim.name, optim.lr and out, so those keys are
+refused in ``base`` and ``set``. Every trial's config is built and
 validated when the spec is loaded, so a typo stops the sweep before anything has run.
 """
 
@@ -41,7 +45,7 @@ from largebatch.config import (
     unknown_key_message,
 )
 
-SPEC_KEYS = ("base", "batch_sizes", "max_micro_batch", "seeds", "optimizers")
+SPEC_KEYS = ("base", "batch_sizes", "max_micro_batch", "seeds", "extend_search", "optimizers")
 OPTIMIZER_KEYS = ("name", "lrs", "set")
 # what each trial gets from the sweep, with the spec key that controls it
 SET_BY_SWEEP = {
@@ -83,6 +87,7 @@ class SweepSpec:
     optimizers: list[OptimizerSpec]
     seeds: list[int]
     max_micro_batch: int | None = None
+    extend_search: int = 0  # extra rates a cell may try beyond the edge of its candidates
 
     def optimizer(self, label: str) -> OptimizerSpec:
         return next(o for o in self.optimizers if o.label == label)
@@ -96,7 +101,8 @@ class SweepSpec:
         return next(m for m in range(limit, 0, -1) if batch % m == 0)
 
     def trials_per_cell(self, label: str, batch: int) -> int:
-        """Candidates on the first seed, then one run for each further seed at the best rate."""
+        """Candidates on the first seed, then one run for each further seed at the best rate
+        (plus up to ``extend_search`` rates beyond the edge, not counted here)."""
         return len(self.optimizer(label).lrs[batch]) + len(self.seeds) - 1
 
     def total_trials(self) -> int:
@@ -118,6 +124,22 @@ class SweepSpec:
 
 def format_lr(lr: float) -> str:
     return format(lr, ".6g")
+
+
+def rate_beyond_edge(tried: list[float], best: float) -> float | None:
+    """The next rate past the edge when ``best`` is the smallest or largest of ``tried``: the
+    outermost ratio of the tried rates applied once more (4 significant digits). None when the
+    best lies inside, or when there is only one rate (no ratio to follow)."""
+    ordered = sorted(tried)
+    if len(ordered) < 2:
+        return None
+    if best == ordered[-1]:
+        nxt = best * ordered[-1] / ordered[-2]
+    elif best == ordered[0]:
+        nxt = best * ordered[0] / ordered[1]
+    else:
+        return None
+    return float(f"{nxt:.4g}")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -219,11 +241,14 @@ def build_spec(tree: Any) -> SweepSpec:
     limit = tree.get("max_micro_batch")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ConfigError(f"sweep spec: max_micro_batch must be a positive integer or null, got {limit!r}")
+    extend = tree.get("extend_search", 0)
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        raise ConfigError(f"sweep spec: extend_search must be an integer >= 0 (extra rates per cell), got {extend!r}")
     entries = tree["optimizers"]
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"sweep spec: optimizers must be a non-empty mapping label -> {{lrs, set}}, got {entries!r}")
     optimizers = [_optimizer(label, entry, batches) for label, entry in entries.items()]
-    spec = SweepSpec(_trainer_keys("base", tree.get("base")), batches, optimizers, seeds, limit)
+    spec = SweepSpec(_trainer_keys("base", tree.get("base")), batches, optimizers, seeds, limit, extend)
     for opt in optimizers:  # every trial config, before anything runs
         for batch in batches:
             for lr in opt.lrs[batch]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from largebatch.study.grid import SweepSpec, Trial, format_lr
-from largebatch.study.runner import TrialResult, cell_trials, select_best
+from largebatch.study.runner import TrialResult, search_cell, select_best
 
 SUMMARY_COLUMNS = (
     "batch", "optimizer", "best_lr", "peak_lr", "top1_mean", "top1_std", "top1_min", "top1_max",
@@ -42,8 +42,7 @@ def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any
     rows = []
     for batch in spec.batch_sizes:
         for opt in spec.optimizers:
-            planned = cell_trials(spec, opt.label, batch)
-            search = [by_name[t.name] for t in planned if t.name in by_name]
+            search, complete = search_cell(spec, opt.label, batch, lambda t: by_name.get(t.name))
             if not search:
                 continue
             steps_per_epoch = iters[batch]
@@ -51,10 +50,10 @@ def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any
             row.update(
                 batch=batch, optimizer=opt.label, iters_per_epoch=steps_per_epoch,
                 images_per_epoch=steps_per_epoch * batch, steps=search[0].total_steps,
-                lr_trials=len(planned), lr_trials_diverged=sum(r.status == "diverged" for r in search),
+                lr_trials=len(search), lr_trials_diverged=sum(r.status == "diverged" for r in search),
                 status="incomplete",
             )
-            if len(search) < len(planned):
+            if not complete:
                 rows.append(row)
                 continue
             best = select_best(search)
@@ -65,7 +64,7 @@ def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any
             wanted = [Trial(opt.label, batch, best.lr, s).name for s in spec.seeds[1:]]
             runs = [best] + [by_name[n] for n in wanted if n in by_name]
             ok = [r.top1 for r in runs if r.status == "ok" and r.top1 is not None]
-            candidates = opt.lrs[batch]
+            candidates = [r.lr for r in search]
             row.update(
                 best_lr=best.lr, peak_lr=best.peak_lr, top1_mean=statistics.fmean(ok),
                 top1_std=statistics.stdev(ok) if len(ok) > 1 else "", top1_min=min(ok), top1_max=max(ok),
@@ -119,10 +118,12 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
     diverged = [r for r in results if r.status == "diverged"]
     further = (f"then runs on seed(s) {', '.join(map(str, seeds[1:]))}" if seeds[1:]
                else "is the only run (one seed)")
+    extend = (f"while the best is the smallest or largest rate tried, one more rate beyond it runs (at "
+              f"most {spec.extend_search} per cell); " if spec.extend_search else "")
     lines += [
         f"Same epoch budget for every batch. Learning-rate search per (optimizer, batch) cell: every "
-        f"candidate runs on seed {seeds[0]}; the best final top-1 (ties: the smaller rate; diverged runs "
-        f"never win) {further}. "
+        f"candidate runs on seed {seeds[0]}; {extend}the best final top-1 (ties: the smaller rate; diverged "
+        f"runs never win) {further}. "
         f"Trials per cell: {per_cell}. Trials recorded: {len(results)}, of which {len(diverged)} diverged.",
         "",
         "Top-1 is the final evaluation, in %: mean ± sample standard deviation over seeds, and the "
@@ -163,7 +164,7 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
         )
     notes = []
     if any(row["best_lr_at_edge"] is True for row in rows):
-        notes.append("† the best rate is the smallest or largest candidate: the optimum may lie outside the search.")
+        notes.append("† the best rate is the smallest or largest rate tried: the optimum may lie outside the search.")
     seen = set()
     for r in results:
         used = r.steps_per_epoch * r.batch
@@ -188,7 +189,8 @@ def _trials_text(spec: SweepSpec, label: str) -> str:
     counts = sorted({len(spec.optimizer(label).lrs[b]) for b in spec.batch_sizes})
     candidates = "/".join(map(str, counts))
     total = "/".join(str(c + len(spec.seeds) - 1) for c in counts)
-    return f"{total} ({candidates} lr candidate(s) + {len(spec.seeds) - 1} further seed(s))"
+    extra = f" + up to {spec.extend_search} rate(s) past an edge" if spec.extend_search else ""
+    return f"{total} ({candidates} lr candidate(s) + {len(spec.seeds) - 1} further seed(s){extra})"
 
 
 def plot(path: Path, spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialResult]) -> None:

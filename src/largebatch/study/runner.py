@@ -1,8 +1,9 @@
 """Run a sweep: every trial is a normal trainer run in ``OUT/cells/<trial>/``, resumable.
 
 Per (optimizer, batch) cell the learning rate is searched on the first seed: every candidate
-runs, the best final top-1 wins (ties go to the smaller rate, diverged runs never win); the
-remaining seeds then run at that rate only. A trial is done when its run directory holds
+runs, the best final top-1 wins (ties go to the smaller rate, diverged runs never win); with
+``extend_search`` a best rate at the edge of those tried is followed by one more beyond it; the
+remaining seeds then run at the winning rate only. A trial is done when its run directory holds
 ``result.json``, written atomically after the trainer returns; a rerun of the sweep reads it
 instead of training again. A run directory without it (the sweep was stopped mid-trial) is
 continued from its newest checkpoint with the trainer's ``resume="auto"``. A run that diverges
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from largebatch.config import ConfigError, TrainConfig, to_dict
 from largebatch.data import build_dataset
-from largebatch.study.grid import SweepSpec, Trial, format_lr
+from largebatch.study.grid import SweepSpec, Trial, format_lr, rate_beyond_edge
 from largebatch.trainer import DivergenceError, Trainer, config_differences
 
 RESULT_FILE = "result.json"
@@ -142,9 +143,35 @@ def _first_trial(spec: SweepSpec) -> Trial:
     return Trial(opt.label, batch, opt.lrs[batch][0], spec.seeds[0])
 
 
-def cell_trials(spec: SweepSpec, label: str, batch: int) -> list[Trial]:
-    """The lr-search trials of a cell (first seed, every candidate)."""
-    return [Trial(label, batch, lr, spec.seeds[0]) for lr in spec.optimizer(label).lrs[batch]]
+def search_cell(
+    spec: SweepSpec, label: str, batch: int, obtain: Callable[[Trial], TrialResult | None]
+) -> tuple[list[TrialResult], bool]:
+    """The learning-rate search of one cell on the first seed, in run order.
+
+    Every candidate, then (``extend_search`` times at most) one rate past the edge while the best
+    is the smallest or largest rate tried. ``obtain`` runs or looks up a trial; None means it has
+    not run yet, which ends the search as incomplete. Returns (results, complete). The runner and
+    the report both replay the search through this one function, so they agree on its trials.
+    """
+    seed = spec.seeds[0]
+    tried = list(spec.optimizer(label).lrs[batch])
+    results: list[TrialResult] = []
+    for lr in tried:
+        result = obtain(Trial(label, batch, lr, seed))
+        if result is None:
+            return results, False
+        results.append(result)
+    for _ in range(spec.extend_search):
+        best = select_best(results)
+        nxt = None if best is None else rate_beyond_edge(tried, best.lr)
+        if nxt is None or nxt in tried:
+            break
+        tried.append(nxt)
+        result = obtain(Trial(label, batch, nxt, seed))
+        if result is None:
+            return results, False
+        results.append(result)
+    return results, True
 
 
 def run_sweep(
@@ -175,7 +202,8 @@ def run_sweep(
             results.append(stored)
             return stored
         resume = "auto" if (run_dir / "config.yaml").exists() else None
-        log(f"[{done + ran + 1}/{spec.total_trials()}] {trial.name}" + (" (resuming)" if resume else ""))
+        total = f"{spec.total_trials()}{'+' if spec.extend_search else ''}"
+        log(f"[{done + ran + 1}/{total}] {trial.name}" + (" (resuming)" if resume else ""))
         result = trial_fn(trial, config, resume)
         _write_result(run_dir, result, config)
         ran += 1
@@ -186,7 +214,7 @@ def run_sweep(
 
     for batch in spec.batch_sizes:
         for opt in spec.optimizers:
-            search = [obtain(t) for t in cell_trials(spec, opt.label, batch)]
+            search, _ = search_cell(spec, opt.label, batch, obtain)
             best = select_best(search)
             if best is None:
                 log(f"    {opt.label} at batch {batch}: every candidate diverged; no further seeds")
