@@ -341,6 +341,20 @@ def test_overrides_address_the_spec_or_the_trainer(tmp_path):
     assert spec.trial_config(Trial("lars", 128, 3.0, 0), "x").schedule.scaling == "none"
 
 
+def test_batch_sizes_override_picks_a_subset_of_per_batch_rates(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(dict(SPEC, optimizers={"lars": {"lrs": {64: [1, 2], 128: [3]}}})))
+    spec = load_spec(path, [parse_spec_override("batch_sizes=[128]")])
+    assert spec.batch_sizes == [128] and spec.optimizer("lars").lrs == {128: (3.0,)}
+    # a batch that is not in the file still needs its own candidates
+    with pytest.raises(ConfigError, match="gives no candidates for batch 256"):
+        load_spec(path, [parse_spec_override("batch_sizes=[128,256]")])
+    # and in the file itself, candidates for a batch it does not sweep are still refused
+    path.write_text(yaml.safe_dump(dict(SPEC, batch_sizes=[64], optimizers={"lars": {"lrs": {64: [1], 128: [3]}}})))
+    with pytest.raises(ConfigError, match="has batch 128, which is not in batch_sizes"):
+        load_spec(path)
+
+
 def test_cli_errors_end_in_one_line(tmp_path, capsys):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(dict(SPEC, batch_sizes=[64, 1024])))

@@ -297,6 +297,25 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
 
 
 def load_spec(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> SweepSpec:
-    """Read a spec file, apply ``--set`` overrides, validate."""
+    """Read a spec file, apply ``--set`` overrides, validate.
+
+    ``--set batch_sizes=[...]`` may pick a subset of the file's batches: per-batch ``lrs``
+    entries of the batches it leaves out are dropped (in the file itself they are an error).
+    """
     tree = read_yaml_mapping(path, "sweep spec")
-    return build_spec(apply_overrides(tree, overrides or []))
+    overrides = overrides or []
+    new = apply_overrides(tree, overrides)
+    if any(key == "batch_sizes" for key, _ in overrides):
+        _drop_unused_batch_rates(new, tree.get("batch_sizes"))
+    return build_spec(new)
+
+
+def _drop_unused_batch_rates(tree: dict[str, Any], file_batches: Any) -> None:
+    """Per-batch candidates for batches of the file that the overridden batch_sizes left out."""
+    kept, listed = tree.get("batch_sizes"), file_batches
+    if not isinstance(kept, list) or not isinstance(listed, list) or not isinstance(tree.get("optimizers"), dict):
+        return  # build_spec reports the malformed part
+    for entry in tree["optimizers"].values():
+        rates = entry.get("lrs") if isinstance(entry, dict) else None
+        if isinstance(rates, dict):
+            entry["lrs"] = {b: v for b, v in rates.items() if b in kept or b not in listed}
