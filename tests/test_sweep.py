@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -235,8 +236,6 @@ def test_a_cell_where_every_rate_diverges(tmp_path):
 
 def scored_trial(peak_lr: float):
     """A stand-in for the trainer whose top-1 peaks at ``peak_lr`` (log scale); records its calls."""
-    import math
-
     calls: list[str] = []
 
     def trial_fn(trial: Trial, config, resume) -> TrialResult:

@@ -310,9 +310,9 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] | None = None) 
     return build_spec(new)
 
 
-def _drop_unused_batch_rates(tree: dict[str, Any], file_batches: Any) -> None:
-    """Per-batch candidates for batches of the file that the overridden batch_sizes left out."""
-    kept, listed = tree.get("batch_sizes"), file_batches
+def _drop_unused_batch_rates(tree: dict[str, Any], listed: Any) -> None:
+    """Drop per-batch candidates of batches the file ``listed`` that the overridden batch_sizes left out."""
+    kept = tree.get("batch_sizes")
     if not isinstance(kept, list) or not isinstance(listed, list) or not isinstance(tree.get("optimizers"), dict):
         return  # build_spec reports the malformed part
     for entry in tree["optimizers"].values():

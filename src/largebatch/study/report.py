@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from largebatch.study.grid import SweepSpec, Trial, format_lr
+from largebatch.study.grid import SweepSpec, Trial, format_lr, rate_beyond_edge
 from largebatch.study.runner import TrialResult, search_cell, select_best
 
 SUMMARY_COLUMNS = (
@@ -64,12 +64,12 @@ def summarize(spec: SweepSpec, results: list[TrialResult]) -> list[dict[str, Any
             wanted = [Trial(opt.label, batch, best.lr, s).name for s in spec.seeds[1:]]
             runs = [best] + [by_name[n] for n in wanted if n in by_name]
             ok = [r.top1 for r in runs if r.status == "ok" and r.top1 is not None]
-            candidates = [r.lr for r in search]
+            tried = [r.lr for r in search]
             row.update(
                 best_lr=best.lr, peak_lr=best.peak_lr, top1_mean=statistics.fmean(ok),
                 top1_std=statistics.stdev(ok) if len(ok) > 1 else "", top1_min=min(ok), top1_max=max(ok),
                 seeds=len(runs), seeds_diverged=len(runs) - len(ok),
-                best_lr_at_edge=len(candidates) > 1 and best.lr in (min(candidates), max(candidates)),
+                best_lr_at_edge=rate_beyond_edge(tried, best.lr) is not None,  # the search's own edge rule
                 wall_s=statistics.fmean(r.wall_s for r in runs),
                 cell_wall_s=sum(r.wall_s for r in search) + sum(r.wall_s for r in runs[1:]),
                 status="ok" if len(runs) == len(spec.seeds) else "incomplete",
