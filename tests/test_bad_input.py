@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from largebatch.cli import main
-from largebatch.config import ConfigError, load_config
-from largebatch.trainer import batch_plan
+from largebatch.config import ConfigError, batch_plan, load_config
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 QUICK = ["--model", "mlp", "--set", "threads=1", "--no-progress"]
@@ -153,3 +152,100 @@ def test_world_size_change_keeps_the_global_batch_or_refuses():
     assert batch_plan(micro, 1) == (8, 4) and batch_plan(micro, 2) == (8, 2)
     with pytest.raises(ConfigError, match=r"world size 3 x micro_batch 8 \(= 24\)"):
         batch_plan(micro, 3)
+
+
+def rgb_args(tmp_path: Path, *extra: str) -> list[str]:
+    """Tiny RGB synthetic data and a small CNN: the model options are what each test varies."""
+    data = {"shape": [3, 8, 8], "num_classes": 3, "num_train": 64, "num_eval": 16, "pool_size": 64}
+    return ["--data", "synthetic", "--set", f"data.options={json.dumps(data)}", "--batch-size", "32",
+            "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "threads=1", "--no-progress",
+            "--model", "fmnist_net", *extra]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.options.width=-3"], "model.options.width must be an integer >= 1 for fmnist_net, got -3"),
+        (["--set", "model.options.width=abc"],
+         "model.options.width must be an integer >= 1 for fmnist_net, got 'abc'"),
+        (["--set", "model.options.width=2.5"], "model.options.width must be an integer >= 1 for fmnist_net, got 2.5"),
+        (["--set", "model.options.in_channels=1"],
+         "model fmnist_net takes 1 input channels but the data's examples are 3 x 8 x 8 (3 channels); "
+         "leave model.options.in_channels and image_size unset to follow the data"),
+        (["--model", "alexnet_bn"], "model alexnet_bn cannot take 3 x 8 x 8 inputs: "),
+        (["--model", "resnet_small", "--set", "model.options.blocks=0"],
+         "model.options.blocks must be an integer >= 1 for resnet_small, got 0"),
+        (["--model", "alexnet_bn", "--set", "model.options.groups=3"],
+         "model.options.groups must be 1 or 2 for alexnet_bn, got 3"),
+        (["--set", "model.options.depth=2"],
+         "model 'fmnist_net' has no option 'depth'; its options are: in_channels, width"),
+    ],
+)
+def test_bad_model_options_and_unfit_data_end_in_one_line(tmp_path, capsys, args, message):
+    code, line = run_cli(rgb_args(tmp_path, *args), capsys)
+    assert code == 2
+    assert line.startswith(f"largebatch: error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    for args in (["--set", "device=cuda"], ["--device", "cuda"]):
+        code, line = run_cli(synthetic_args(tmp_path, *args), capsys)
+        assert code == 2
+        assert line == ("largebatch: error: device=cuda was asked for, but this machine has no CUDA device; "
+                        "use --device cpu or --device auto")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """A ValueError that is not a user error is a bug: no one-line disguise, no exit status 2."""
+    import largebatch.trainer
+
+    def broken(config, **kwargs):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(largebatch.trainer, "train", broken)
+    with pytest.raises(ValueError, match="an internal mistake"):
+        main(["train", "--no-progress"])
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([("schedule.power", 0)], "schedule.power must be > 0, got 0.0"),
+        ([("schedule.gamma", -0.1)], "schedule.gamma must be > 0, got -0.1"),
+        ([("schedule.milestones", [6, 3])], "schedule.milestones must be increasing, got [6.0, 3.0]"),
+        ([("schedule.milestones", [0])], "schedule.milestones[0] must be an epoch in (0, epochs=10], got 0.0"),
+        ([("schedule.milestones", [11])], "schedule.milestones[0] must be an epoch in (0, epochs=10], got 11.0"),
+        ([("optim.betas", [0.9, 1.0])], "optim.betas[1] must be in [0, 1), got 1.0"),
+        ([("optim.eps", -1e-8)], "optim.eps must be >= 0, got -1e-08"),
+        ([("optim.nesterov", True), ("optim.momentum", 0)], "optim.nesterov=true needs optim.momentum > 0"),
+        ([("optim.lr", float("inf"))], "optim.lr must be a finite number, got inf"),
+        ([("eval_every", -1)], "eval_every must be >= 0, got -1"),
+    ],
+)
+def test_schedule_and_optimizer_options_are_checked_by_key(pairs, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, pairs)
+    assert str(caught.value).startswith(message)
+
+
+def test_eval_every_zero_means_no_evaluation_and_is_accepted():
+    assert load_config(None, [("eval_every", 0)]).eval_every == 0
+
+
+def test_every_user_error_is_a_user_error():
+    """One base class for the command line's exit-status table; the old bases still hold."""
+    from largebatch.checkpoint import CheckpointError
+    from largebatch.data import DataError
+    from largebatch.errors import DivergenceError, Preempted, UserError, exit_status
+    from largebatch.models import ModelError
+    from largebatch.plan.errors import PlanError
+
+    for kind, old_base in ((ConfigError, ValueError), (DataError, ValueError), (CheckpointError, RuntimeError),
+                           (PlanError, ValueError), (ModelError, ValueError)):
+        assert issubclass(kind, UserError) and issubclass(kind, old_base), kind
+        assert exit_status(kind("x")) == 2
+    assert exit_status(DivergenceError("x")) == 3 and exit_status(Preempted("x")) == 143
+    assert exit_status(ValueError("x")) is None and exit_status(RuntimeError("x")) is None

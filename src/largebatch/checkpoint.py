@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from largebatch.errors import UserError
+
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the path."""
 
 

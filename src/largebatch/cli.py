@@ -1,7 +1,8 @@
-"""Command line: `largebatch train | demo | sweep` (and, as they land, `plan | bench`).
+"""Command line: `largebatch train | demo | sweep | plan | bench`.
 
-Every mistake a user can make ends in one line on stderr, ``largebatch: error: ...``, and exit
-status 2; a diverged run exits 3, a pre-empted one (SIGTERM) 143 after writing its checkpoint.
+Every mistake a user can make (a ``UserError``) ends in one line on stderr, ``largebatch: error:
+...``, and exit status 2; a diverged run exits 3, a pre-empted one (SIGTERM) 143 after writing its
+checkpoint, a run that lost a peer process 4. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 from typing import Any
 
 from largebatch import __version__
+from largebatch.errors import exit_status
 
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
+__all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main"]
+
 EXIT_LOST_PEER = 4
-EXIT_PREEMPTED = 143
 
 # plain flags for the common keys: flag -> (dotted key, type, help)
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -32,6 +33,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--out": ("out", str, "run directory"),
     "--seed": ("seed", int, "seed for initialisation, data order and augmentation"),
     "--precision": ("precision", str, "auto, fp32, bf16 or fp16"),
+    "--device": ("device", str, "auto (cuda when available), cpu or cuda"),
+    "--workers": ("data.options.workers", int, "imagefolder: image-reading worker processes"),
 }
 
 
@@ -45,6 +48,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or from the newest valid one in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile [model.compile]")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "also have flags. Allowed keys: see configs/ and `largebatch train --keys`.",
     )
     add_train_arguments(train)
-    train.add_argument("--keys", action="store_true", help="list every config key with its default, then exit")
+    train.add_argument("--keys", action="store_true",
+                       help="list every config key with its default and what it means, then exit")
     demo = sub.add_parser(
         "demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)",
         description="Fashion-MNIST, a small ResNet, LARS at global batch 8192 with warm-up and poly(2) decay.",
@@ -94,25 +99,20 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         if value is not None:
             pairs.append((key, value))
     pairs += [parse_override(item) for item in args.set]
+    if args.compile:
+        pairs.append(("model.compile", True))
     if args.no_progress:
         pairs.append(("progress", False))
     return pairs
 
 
 def _print_keys() -> None:
-    import dataclasses
+    from largebatch.config import describe_keys
 
-    from largebatch.config import TrainConfig
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                print(f"{prefix}{f.name} = {value!r}")
-
-    walk(TrainConfig(), "")
+    rows = [(f"{name} = {default!r}", about) for name, default, about in describe_keys()]
+    width = max(len(left) for left, _ in rows)
+    for left, about in rows:
+        print(f"{left:<{width}}  # {about}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -139,30 +139,12 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can cause and fix; imported only when one is raised (plan needs no torch)."""
-    from largebatch.checkpoint import CheckpointError
-    from largebatch.config import ConfigError
-    from largebatch.data import DataError
-    from largebatch.plan.errors import PlanError
-
-    return (ConfigError, DataError, CheckpointError, PlanError, ValueError)
-
-
 def _exit_status(err: BaseException) -> int | None:
     """The exit status for an error that ends a run in one line, or None for a bug (traceback)."""
-    if isinstance(err, _user_errors()):
-        return EXIT_USER_ERROR
-    if "largebatch.trainer" in sys.modules:  # only a training run can diverge or be pre-empted
-        from largebatch.trainer import DivergenceError, Preempted
-
-        if isinstance(err, DivergenceError):
-            return EXIT_DIVERGED
-        if isinstance(err, Preempted):
-            return EXIT_PREEMPTED
-    if _is_lost_peer(err):
+    status = exit_status(err)
+    if status is None and _is_lost_peer(err):
         return EXIT_LOST_PEER
-    return None
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,16 @@
 """One dataclass tree for a training run: YAML file + dotted command-line overrides, validated.
 
 Every mistake a user can make here raises ``ConfigError`` with one line that names the key, the
-value and what is allowed.
+value and what is allowed. The rules about keys live here too: which keys a resumed run may
+change, how nested sections flatten to dotted keys, and how the global batch splits into
+micro-batches for a world size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,62 +19,109 @@ from typing import Any
 
 import yaml
 
+from largebatch.errors import UserError
+from largebatch.schedule import DECAYS, ORIGINS
+
+__all__ = [
+    "DECAYS",
+    "DEVICES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "RESUMABLE_CHANGES",
+    "SCALING_RULES",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "all_keys",
+    "batch_plan",
+    "config_differences",
+    "derive_accumulation",
+    "describe_keys",
+    "dump_yaml",
+    "flatten_keys",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml_mapping",
+    "set_dotted",
+    "split_assignment",
+    "to_dict",
+    "unknown_key_message",
+    "validate",
+]
+
 OPTIMIZERS = ("lars", "lamb", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-DECAYS = ("poly", "cosine", "step", "constant")
 SCALING_RULES = ("none", "linear", "sqrt")
 
+# Keys that may differ between a run and its resumption (presentation, cadence, placement).
+RESUMABLE_CHANGES = {
+    "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "dist_timeout_s",
+}
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration the user can fix; the message is one line."""
+
+
+def described(default: Any, about: str) -> Any:
+    """A config field with its one-line description (shown by ``largebatch train --keys``)."""
+    return field(default=default, metadata={"about": about})
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet_small"
-    options: dict = field(default_factory=dict)
-    channels_last: bool = True
-    compile: bool = False
+    name: str = described("resnet_small", "registry name (docs/models_and_data.md)")
+    options: dict = field(default_factory=dict, metadata={
+        "about": "constructor options, e.g. {width: 16}; in_channels and image_size default to the data's"})
+    channels_last: bool = described(True, "channels_last memory format for 4-d inputs")
+    compile: bool = described(False, "run the model through torch.compile")
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
-    root: str | None = None
-    augment: bool = True
-    eval_batch: int = 2000
-    options: dict = field(default_factory=dict)
+    name: str = described("fashion_mnist", "dataset: fashion_mnist, imagefolder or synthetic")
+    root: str | None = described(None, "dataset directory (fashion_mnist: the system's copy by default)")
+    augment: bool = described(True, "training augmentation (random crop and flip)")
+    eval_batch: int = described(2000, "evaluation batch per process")
+    options: dict = field(default_factory=dict, metadata={
+        "about": "dataset options, e.g. imagefolder's {workers: 8, image_size: 227}"})
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"
-    lr: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    trust_coefficient: float = 0.001
-    eps: float = 0.0
-    nesterov: bool = False
-    clip: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    exclude_bias_and_norm: bool = True
-    fused: bool = False
-    label_smoothing: float = 0.0
+    name: str = described("lars", "lars, lamb or sgd (momentum; the linear-scaling baseline)")
+    lr: float = described(10.0, "peak learning rate after warm-up (before a scaling rule, if any)")
+    momentum: float = described(0.9, "momentum (lars, sgd)")
+    weight_decay: float = described(5e-4, "L2 weight decay (lars, sgd: in the gradient; lamb: decoupled)")
+    trust_coefficient: float = described(0.001, "LARS eta in eta * ||w|| / (||g|| + wd * ||w|| + eps)")
+    eps: float = described(0.0, "LARS epsilon in the trust ratio's denominator; LAMB's Adam epsilon (0: 1e-6)")
+    nesterov: bool = described(False, "Nesterov momentum (lars, sgd); needs momentum > 0")
+    clip: bool = described(False, "LARC clip mode: the effective rate lr * r is capped at lr")
+    betas: tuple[float, float] = described((0.9, 0.999), "LAMB's moment decay rates, each in [0, 1)")
+    exclude_bias_and_norm: bool = described(True, "biases and norm weights: no trust ratio, no weight decay")
+    fused: bool = described(False, "LARS as one compiled kernel per tensor (torch.compile)")
+    label_smoothing: float = described(0.0, "cross-entropy label smoothing, in [0, 1)")
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_epochs: float = 0.0
-    warmup_start_lr: float = 0.0
-    decay: str = "poly"
-    power: float = 2.0
-    end_lr: float = 0.0
-    decay_origin: str = "warmup_end"
-    milestones: list[float] = field(default_factory=list)  # in epochs, for decay=step
-    gamma: float = 0.1
-    scaling: str = "none"  # lr as given (none) or scaled from reference_batch (linear, sqrt)
-    reference_batch: int = 256
+    warmup_epochs: float = described(0.0, "linear warm-up length in epochs")
+    warmup_start_lr: float = described(0.0, "learning rate at the first warm-up step")
+    decay: str = described("poly", "after warm-up: poly, cosine, step or constant")
+    power: float = described(2.0, "poly decay power (> 0)")
+    end_lr: float = described(0.0, "learning rate at the last step (poly, cosine)")
+    decay_origin: str = described("warmup_end", "poly/cosine counted from warmup_end or from zero (Intel Caffe)")
+    milestones: list[float] = field(default_factory=list, metadata={
+        "about": "step decay: increasing epochs at which the rate is multiplied by gamma"})
+    gamma: float = described(0.1, "step decay factor (> 0)")
+    scaling: str = described("none", "lr as given (none) or scaled from reference_batch (linear, sqrt)")
+    reference_batch: int = described(256, "batch size at which optim.lr holds, for scaling")
 
 
 @dataclass
@@ -80,20 +130,20 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    batch_size: int = 8192
-    micro_batch: int | None = None  # per process; default: batch_size / world (no accumulation)
-    epochs: int = 10
-    seed: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    threads: int | None = None  # per process on CPU; default: cores / local processes
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
-    keep_checkpoints: int = 2
-    log_every: int = 1  # steps
-    out: str = "runs/default"
-    progress: bool = True
-    dist_timeout_s: float = 600.0  # a collective waiting longer than this for a lost peer fails
+    batch_size: int = described(8192, "global batch: processes x micro_batch x accumulation")
+    micro_batch: int | None = described(None, "per process; default batch_size / world (no accumulation)")
+    epochs: int = described(10, "epochs to train")
+    seed: int = described(0, "seed for initialisation, data order and augmentation")
+    precision: str = described("auto", "autocast: auto (bf16 where fast), fp32, bf16 or fp16")
+    device: str = described("auto", "auto (cuda when available), cpu or cuda")
+    threads: int | None = described(None, "CPU threads per process; default cores / local processes")
+    eval_every: int = described(1, "evaluate every N epochs (and at the end); 0: never")
+    checkpoint_every: int = described(0, "checkpoint every N steps; 0: at the end of every epoch")
+    keep_checkpoints: int = described(2, "step checkpoints kept (best.pt is kept apart)")
+    log_every: int = described(1, "a metrics row every N steps")
+    out: str = described("runs/default", "run directory")
+    progress: bool = described(True, "progress line on rank 0")
+    dist_timeout_s: float = described(600.0, "a collective waiting longer than this for a lost peer fails")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -183,7 +233,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating sections on the way."""
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -194,19 +245,59 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as YAML (numbers, booleans, lists, null)."""
+def split_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value read as YAML (numbers, booleans, lists, null);
+    text that is not valid YAML stays a string. The key is not checked here."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if key not in all_keys() and not any(key.startswith(f"{k}.") for k in all_keys() if k.endswith("options")):
-        raise ConfigError(unknown_key_message(key, all_keys()))
+    key, raw = (part.strip() for part in text.split("=", 1))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """A ``--set key=value`` of the trainer: the key must exist (or lie inside an options mapping)."""
+    key, value = split_assignment(text)
+    keys = all_keys()
+    if key not in keys and not any(key.startswith(f"{k}.") for k in keys if k.endswith("options")):
+        raise ConfigError(unknown_key_message(key, keys))
+    return key, value
+
+
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections (model, data, optim, schedule) -> dotted keys; option mappings
+    (model.options, data.options) and keys already dotted stay as they are."""
+    sections = {name for name, tp in _hints(TrainConfig).items() if _is_dataclass_type(tp)}
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict) and dotted in sections:
+            out.update(flatten_keys(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config trees, apart from RESUMABLE_CHANGES."""
+    a, b = flatten_keys(old), flatten_keys(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def describe_keys(cls: type = TrainConfig, prefix: str = "", instance: Any = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one-line description) for every key, in declaration order."""
+    instance = cls() if instance is None else instance
+    rows = []
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(type(value), f"{prefix}{f.name}.", value)
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("about", "")))
+    return rows
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
@@ -229,7 +320,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     """Defaults, then the YAML file, then overrides (dotted keys), then validation."""
     tree = read_yaml_mapping(path, "config file") if path is not None else {}
     for key, value in overrides or []:
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     config = _build(TrainConfig, tree, "")
     validate(config)
     return config
@@ -243,6 +334,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if not (value >= 0 if allow_zero else value > 0):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 def validate(config: TrainConfig) -> None:
@@ -252,7 +345,7 @@ def validate(config: TrainConfig) -> None:
     _choice("device", config.device, DEVICES)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
-    _choice("schedule.decay_origin", config.schedule.decay_origin, ("warmup_end", "zero"))
+    _choice("schedule.decay_origin", config.schedule.decay_origin, ORIGINS)
     _positive("optim.lr", config.optim.lr)
     _positive("optim.momentum", config.optim.momentum, allow_zero=True)
     _positive("optim.weight_decay", config.optim.weight_decay, allow_zero=True)
@@ -260,7 +353,7 @@ def validate(config: TrainConfig) -> None:
     _positive("batch_size", config.batch_size)
     _positive("epochs", config.epochs)
     _positive("data.eval_batch", config.data.eval_batch)
-    _positive("eval_every", config.eval_every)
+    _positive("eval_every", config.eval_every, allow_zero=True)
     _positive("log_every", config.log_every)
     _positive("keep_checkpoints", config.keep_checkpoints)
     _positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
@@ -268,6 +361,13 @@ def validate(config: TrainConfig) -> None:
     _positive("schedule.warmup_start_lr", config.schedule.warmup_start_lr, allow_zero=True)
     _positive("schedule.end_lr", config.schedule.end_lr, allow_zero=True)
     _positive("schedule.reference_batch", config.schedule.reference_batch)
+    _positive("optim.eps", config.optim.eps, allow_zero=True)
+    for i, beta in enumerate(config.optim.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if config.optim.nesterov and config.optim.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0, got 0.0")
+    _check_schedule(config.schedule, config.epochs)
     if not 0.0 <= config.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {config.optim.label_smoothing}")
     if config.micro_batch is not None:
@@ -283,6 +383,17 @@ def validate(config: TrainConfig) -> None:
     _positive("dist_timeout_s", config.dist_timeout_s)
     if config.threads is not None:
         _positive("threads", config.threads)
+
+
+def _check_schedule(s: ScheduleConfig, epochs: int) -> None:
+    """The schedule's own options, checked here so that each error names its key."""
+    _positive("schedule.power", s.power)
+    _positive("schedule.gamma", s.gamma)
+    for i, m in enumerate(s.milestones):
+        if not 0 < m <= epochs or not math.isfinite(m):
+            raise ConfigError(f"schedule.milestones[{i}] must be an epoch in (0, epochs={epochs}], got {m}")
+    if any(b <= a for a, b in zip(s.milestones, s.milestones[1:], strict=False)):
+        raise ConfigError(f"schedule.milestones must be increasing, got {s.milestones}")
 
 
 def to_dict(config: TrainConfig) -> dict:
@@ -319,3 +430,17 @@ def derive_accumulation(batch_size: int, micro_batch: int, world_size: int) -> i
             f"(= {per_step}); choose a batch_size that is a multiple of {per_step}"
         )
     return batch_size // per_step
+
+
+def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) for this world size; the global batch never changes.
+
+    Without a micro-batch in the config each process takes batch / world (no accumulation).
+    On resume with another world size the accumulation is derived anew, so the run continues
+    with the same global batch, or stops here with the numbers that do not divide.
+    """
+    if config.micro_batch is None:
+        if config.batch_size % world_size:
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}")
+        return config.batch_size // world_size, 1
+    return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)

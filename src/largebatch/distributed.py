@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from largebatch.errors import UserError
+
+__all__ = ["DistEnv", "all_reduce_sum", "broadcast_object", "choose_device", "init_distributed", "shutdown"]
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -32,10 +36,12 @@ class DistEnv:
 
 
 def choose_device(preference: str, local_rank: int) -> torch.device:
+    """cpu, or this process's GPU (local rank modulo the GPUs on the host)."""
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but no CUDA device is available")
+        raise UserError("device=cuda was asked for, but this machine has no CUDA device; "
+                        "use --device cpu or --device auto")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -91,8 +97,3 @@ def broadcast_object(obj: object, src: int = 0) -> object:
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -27,27 +27,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import checkpoint as ckpt
 from largebatch import faults
-from largebatch.config import ConfigError, TrainConfig, derive_accumulation, dump_yaml, from_dict, to_dict
+from largebatch.config import (
+    ConfigError,
+    TrainConfig,
+    batch_plan,
+    config_differences,
+    dump_yaml,
+    from_dict,
+    to_dict,
+)
 from largebatch.data import DataSource, build_dataset
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
+from largebatch.errors import DivergenceError, Preempted
 from largebatch.metrics import MetricsWriter, Progress, write_plots
-from largebatch.models import build_model, model_options
+from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
-
-# Keys that may differ between a run and its resumption (presentation, cadence, placement).
-RESUMABLE_CHANGES = {
-    "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "dist_timeout_s",
-}
-
-
-class DivergenceError(RuntimeError):
-    """The loss or a gradient became non-finite; the last good checkpoint is untouched."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was written at the step boundary."""
 
 
 @dataclass
@@ -58,21 +53,6 @@ class RunResult:
     top5: float | None
     eval_loss: float | None
     wall_s: float
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -122,20 +102,6 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
-def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro-batch, accumulation) for this world size; the global batch never changes.
-
-    Without a micro-batch in the config each process takes batch / world (no accumulation).
-    On resume with another world size the accumulation is derived anew, so the run continues
-    with the same global batch, or stops here with the numbers that do not divide.
-    """
-    if config.micro_batch is None:
-        if config.batch_size % world_size:
-            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}")
-        return config.batch_size // world_size, 1
-    return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed for a step's randomness (dropout): a function of the position, not of history."""
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
@@ -173,6 +139,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_model(config.model.name, num_classes=self.data.num_classes, **self._model_options())
         model = model.to(self.env.device)
+        check_input(model, config.model.name, self.data.input_shape)
         self.channels_last = config.model.channels_last and len(self.data.input_shape) == 3
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

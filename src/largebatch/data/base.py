@@ -8,13 +8,14 @@ import torch
 from torch import Tensor
 
 from largebatch.data.order import epoch_permutation, eval_shard, plan_steps
+from largebatch.errors import UserError
 
 __all__ = ["Batch", "DataError", "DataSource"]
 
 Batch = tuple[Tensor, Tensor]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user can fix (missing or corrupt file, bad option); the message is
     one line naming the path or value. A ValueError, so configuration handlers catch it too."""
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
+__all__ = ["mlp"]
+
 
 def mlp(num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 256, depth: int = 2) -> nn.Module:
     """Flatten, then ``depth`` hidden layers of ``hidden`` units with ReLU, then a linear classifier."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from largebatch.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError, ValueError):
     """A user-fixable planner error; the command line prints it as one line and exits 2."""
