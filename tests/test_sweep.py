@@ -319,6 +319,11 @@ def test_per_batch_candidates_and_trial_counts():
     ({"optimizers": {"lars": {"lrs": {64: [1]}}}}, "optimizers.lars.lrs gives no candidates for batch 128"),
     ({"optimizers": {"lars": {"lr": [1]}}}, "did you mean 'optimizers.lars.lrs'"),
     ({"optimizers": {"lars": {"lrs": [1], "set": {"optim.trust": 0.1}}}}, "unknown config key 'optim.trust'"),
+    ({"base": {**SPEC["base"], "model": {"name": "vgg"}}}, "unknown model 'vgg'; choose one of: alexnet_bn"),
+    ({"base": {**SPEC["base"], "model": {"name": "mlp", "options": {"hidden": -3}}}},
+     "model.options.hidden must be an integer >= 1 for mlp, got -3"),
+    ({"optimizers": {"lars": {"lrs": [1], "set": {"model.options.width": 8}}}},
+     "model 'mlp' has no option 'width'"),
 ])
 def test_bad_specs_are_refused_in_one_line(change, message):
     with pytest.raises(ConfigError) as info:
@@ -363,6 +368,18 @@ def test_cli_errors_end_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["sweep", "--spec", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "cannot read sweep spec" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_an_unknown_model_before_any_trial(tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    args = ["sweep", "--spec", str(path), "--out", str(tmp_path / "out"), "--set", "model.name=vgg"]
+    assert main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("largebatch: error: sweep spec, trial lars_b64_lr1_s0: unknown model 'vgg'")
+    assert "\n" not in err
+    assert main(args) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_changed_spec_does_not_reuse_old_results(finished, tmp_path, capsys):

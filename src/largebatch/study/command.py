@@ -12,6 +12,8 @@ from pathlib import Path
 
 from largebatch.config import ConfigError
 
+__all__ = ["print_plan", "register", "run_command"]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(

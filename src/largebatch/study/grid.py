@@ -34,16 +34,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from largebatch.config import (
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    flatten_keys,
     load_config,
     read_yaml_mapping,
+    split_assignment,
     unknown_key_message,
 )
+from largebatch.models import ModelError, check_options
+
+__all__ = [
+    "SET_BY_SWEEP",
+    "SPEC_KEYS",
+    "OptimizerSpec",
+    "SweepSpec",
+    "Trial",
+    "apply_overrides",
+    "build_spec",
+    "format_lr",
+    "load_spec",
+    "parse_spec_override",
+    "rate_beyond_edge",
+]
 
 SPEC_KEYS = ("base", "batch_sizes", "max_micro_batch", "seeds", "extend_search", "optimizers")
 OPTIMIZER_KEYS = ("name", "lrs", "set")
@@ -52,7 +67,6 @@ SET_BY_SWEEP = {
     "batch_size": "batch_sizes", "micro_batch": "max_micro_batch", "seed": "seeds",
     "optim.name": "optimizers.<label>.name", "optim.lr": "optimizers.<label>.lrs", "out": "--out",
 }
-_SECTIONS = ("model", "data", "optim", "schedule")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -117,9 +131,11 @@ class SweepSpec:
             ("micro_batch", self.micro_batch(trial.batch)), ("seed", trial.seed), ("out", str(run_dir)),
         ]
         try:
-            return load_config(None, pairs)
-        except ConfigError as err:
+            config = load_config(None, pairs)
+            check_options(config.model.name, config.model.options)
+        except (ConfigError, ModelError) as err:
             raise ConfigError(f"sweep spec, trial {trial.name}: {err}") from None
+        return config
 
 
 def format_lr(lr: float) -> str:
@@ -142,24 +158,12 @@ def rate_beyond_edge(tried: list[float], best: float) -> float | None:
     return float(f"{nxt:.4g}")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections -> dotted keys; option mappings (model.options, ...) stay whole."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted in _SECTIONS:
-            out.update(_flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def _trainer_keys(where: str, tree: Any) -> dict[str, Any]:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"sweep spec: {where} must be a mapping of trainer config keys, got {tree!r}")
-    flat = _flatten(tree)
+    flat = flatten_keys(tree)
     for key in flat:
         if key in SET_BY_SWEEP:
             raise ConfigError(f"sweep spec: {where}.{key} is set by the sweep (from {SET_BY_SWEEP[key]}); remove it")
@@ -259,13 +263,7 @@ def build_spec(tree: Any) -> SweepSpec:
 def parse_spec_override(text: str) -> tuple[str, Any]:
     """``key=value`` (value read as YAML). Spec keys (batch_sizes, seeds, optimizers.sgd.lrs, ...)
     address the spec; any other key is a trainer key and goes under ``base``."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
-        value = raw
+    key, value = split_assignment(text)
     if key.split(".")[0] not in SPEC_KEYS:
         key = f"base.{key}"
     return key, value
@@ -276,7 +274,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     tree = copy.deepcopy(tree)
     for key, value in overrides:
         head, _, rest = key.partition(".")
-        if head == "base" and rest:  # trainer keys stay dotted under base: _flatten keeps them
+        if head == "base" and rest:  # trainer keys stay dotted under base: flatten_keys keeps them
             base = tree.get("base") or {}
             if not isinstance(base, dict):
                 raise ConfigError(f"--set {key}: base is not a mapping in the spec")

@@ -17,6 +17,11 @@ from typing import Any
 from largebatch.study.grid import SweepSpec, Trial, format_lr, rate_beyond_edge
 from largebatch.study.runner import TrialResult, search_cell, select_best
 
+__all__ = [
+    "SUMMARY_COLUMNS", "TRIAL_COLUMNS", "batch_label", "describe", "markdown", "plot", "summarize", "write_csv",
+    "write_report",
+]
+
 SUMMARY_COLUMNS = (
     "batch", "optimizer", "best_lr", "peak_lr", "top1_mean", "top1_std", "top1_min", "top1_max",
     "top1_vs_smallest", "seeds", "seeds_diverged", "lr_trials", "lr_trials_diverged", "best_lr_at_edge",

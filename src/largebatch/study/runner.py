@@ -21,10 +21,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from largebatch.config import ConfigError, TrainConfig, to_dict
+from largebatch.config import ConfigError, TrainConfig, config_differences, to_dict
 from largebatch.data import build_dataset
+from largebatch.errors import DivergenceError
 from largebatch.study.grid import SweepSpec, Trial, format_lr, rate_beyond_edge
-from largebatch.trainer import DivergenceError, Trainer, config_differences
+from largebatch.trainer import Trainer
+
+__all__ = [
+    "RESULT_FILE", "TrialResult", "num_train_examples", "run_sweep", "run_trial", "search_cell", "select_best",
+]
 
 RESULT_FILE = "result.json"
 
