@@ -8,8 +8,12 @@ from torch import nn
 
 from largebatch.models import (
     MODEL_NAMES,
+    OPTION_RULES,
+    ModelError,
     ModelProfile,
     build_model,
+    check_input,
+    check_options,
     count_params,
     default_input_size,
     model_options,
@@ -166,3 +170,56 @@ def test_mlp_shape_and_parameter_count():
     assert count_params(model) == (64 * 32 + 32) + (32 * 32 + 32) + (32 * 4 + 4)
     assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 4)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_every_option_of_every_model_has_a_rule_its_default_keeps():
+    for name in MODEL_NAMES:
+        options = model_options(name)
+        assert set(options) <= set(OPTION_RULES), (name, set(options) - set(OPTION_RULES))
+        check_options(name, options)  # the constructor's own defaults pass
+
+
+@pytest.mark.parametrize(("name", "option", "value", "allowed"), [
+    ("fmnist_net", "width", -3, "an integer >= 1"),
+    ("fmnist_net", "width", "abc", "an integer >= 1"),
+    ("fmnist_net", "width", 2.5, "an integer >= 1"),
+    ("fmnist_net", "in_channels", True, "an integer >= 1"),
+    ("resnet_small", "blocks", 0, "an integer >= 1"),
+    ("resnet_small", "zero_init_residual", "yes", "true or false"),
+    ("mlp", "depth", -1, "an integer >= 0"),
+    ("alexnet_bn", "groups", 4, "1 or 2"),
+    ("alexnet_bn_small", "dropout", 1.0, "a number in [0, 1)"),
+    ("alexnet", "dropout", "half", "a number in [0, 1)"),
+])
+def test_bad_option_values_are_refused_before_building(name, option, value, allowed):
+    with pytest.raises(ModelError) as caught:
+        build_model(name, 10, **{option: value})
+    assert str(caught.value) == f"model.options.{option} must be {allowed} for {name}, got {value!r}"
+
+
+def test_edge_values_that_are_allowed():
+    assert count_params(build_model("mlp", 3, image_size=2, depth=0)) == 4 * 3 + 3  # no hidden layer
+    check_options("alexnet_bn_small", {"dropout": 0, "width": 1})  # an int where a float is annotated
+
+
+def test_check_input_names_the_mismatch():
+    with pytest.raises(ModelError, match=r"^model fmnist_net takes 1 input channels but the data's examples are "
+                                         r"3 x 28 x 28 \(3 channels\)"):
+        check_input(build_model("fmnist_net", 10), "fmnist_net", (3, 28, 28))
+    with pytest.raises(ModelError, match=r"^model mlp takes 784 input features but the data's examples are "
+                                         r"1 x 32 x 32 \(1024 features\)"):
+        check_input(build_model("mlp", 10), "mlp", (1, 32, 32))
+    with pytest.raises(ModelError, match=r"^model alexnet_bn cannot take 3 x 28 x 28 inputs: "):
+        check_input(build_model("alexnet_bn", 10), "alexnet_bn", (3, 28, 28))
+
+
+def test_check_input_of_a_fitting_model_changes_nothing(seed):
+    """One dry forward pass: no BatchNorm statistics move, no random numbers are drawn, the mode stays."""
+    model = build_model("alexnet_bn_small", 10, in_channels=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_input(model, "alexnet_bn_small", (3, 32, 32))
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -178,7 +178,7 @@ def _is_lost_peer(err: BaseException) -> bool:
     """A collective failed because a peer process or host went away (or timed out)."""
     import torch.distributed as dist
 
-    if isinstance(err, getattr(dist, "DistError", ())):
+    if isinstance(err, dist.DistError):
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and any(
