@@ -1,4 +1,6 @@
-"""Float64 NumPy references written straight from the formulas in shared/DESIGN.md.
+"""Float64 NumPy references written straight from the formulas: LARS as README.md states it (Intel
+Caffe 1.0.7; sources in docs/paper.md), LAMB as You et al. 2020 ("Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes", Algorithm 2) state it.
 
 They share no code with largebatch.optim, so the tests compare two independent derivations.
 """
