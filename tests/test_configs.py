@@ -125,3 +125,13 @@ def test_resumable_changes_and_flattening():
     assert config_differences(old, changed) == ["model.options", "optim.lr", "schedule.power"]
     spec_like = {"model": {"name": "mlp", "options": {"hidden": 4}}, "optim.lr": 2, "epochs": 3}
     assert flatten_keys(spec_like) == {"model.name": "mlp", "model.options": {"hidden": 4}, "optim.lr": 2, "epochs": 3}
+
+
+def test_the_command_line_parser_builds_without_torch():
+    """`largebatch --help` and `largebatch plan` stay fast: no torch until a command needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys; from largebatch.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

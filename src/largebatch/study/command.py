@@ -1,7 +1,8 @@
 """`largebatch sweep`: argument parsing and the handler, registered by cli.py.
 
-Kept here so that cli.py only lists the command; errors are raised as ConfigError and end, like
-every other user error, in one line and exit status 2.
+Kept here so that cli.py only lists the command, and free of torch until the command runs (the
+config imports it); errors are raised as ConfigError and end, like every other user error, in one
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-
-from largebatch.config import ConfigError
 
 __all__ = ["print_plan", "register", "run_command"]
 
@@ -34,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from largebatch.config import ConfigError
     from largebatch.study.grid import load_spec, parse_spec_override
     from largebatch.study.report import write_report
     from largebatch.study.runner import run_sweep
