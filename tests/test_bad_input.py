@@ -47,6 +47,7 @@ def synthetic_args(tmp_path: Path, *extra: str) -> list[str]:
         (["--set", "precision=fp8"], "precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
         (["--set", "schedule.warmup_epochs=5"], "schedule.warmup_epochs 5.0 exceeds epochs 1"),
         (["--batch-size", "128"], "batch_size 128 exceeds the training set (64 examples)"),
+        (["--workers", "2"], "dataset 'synthetic' has no option 'workers'; its options are: shape"),
     ],
 )
 def test_bad_settings_are_refused_with_one_line(tmp_path, capsys, args, message):

@@ -135,3 +135,11 @@ def test_the_command_line_parser_builds_without_torch():
     code = "import sys; from largebatch.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_key_inside_a_mapping_survives_the_mapping_being_set():
+    """`--workers 2 --set data.options={...}`: the flag's key lands inside the new mapping."""
+    pairs = [("data.options.workers", 2), ("data.options", {"image_size": 16}), ("optim.lr", 1.0), ("optim.lr", 2.0)]
+    config = load_config(None, pairs)
+    assert config.data.options == {"image_size": 16, "workers": 2}
+    assert config.optim.lr == 2.0  # the same key: the later one wins

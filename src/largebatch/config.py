@@ -317,9 +317,14 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then overrides (dotted keys), then validation."""
+    """Defaults, then the YAML file, then overrides (dotted keys), then validation.
+
+    A mapping is set before the keys inside it (stable, by depth), so ``--workers 2`` (that is
+    ``data.options.workers``) survives ``--set data.options={...}`` wherever each was given; for
+    the same key the later override wins.
+    """
     tree = read_yaml_mapping(path, "config file") if path is not None else {}
-    for key, value in overrides or []:
+    for key, value in sorted(overrides or [], key=lambda pair: pair[0].count(".")):
         set_dotted(tree, key, value)
     config = _build(TrainConfig, tree, "")
     validate(config)
