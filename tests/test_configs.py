@@ -143,3 +143,14 @@ def test_a_key_inside_a_mapping_survives_the_mapping_being_set():
     config = load_config(None, pairs)
     assert config.data.options == {"image_size": 16, "workers": 2}
     assert config.optim.lr == 2.0  # the same key: the later one wins
+
+
+def test_the_defaults_set_up_a_run(tmp_path):
+    """`largebatch train` with no arguments: the defaults fit together (data, model, batch split)."""
+    if not FMNIST.is_dir():
+        pytest.skip("Fashion-MNIST is not installed")
+    from largebatch.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [("out", str(tmp_path / "run")), ("device", "cpu"), ("threads", 1)]))
+    assert (trainer.micro_batch, trainer.accumulation, trainer.steps_per_epoch) == (8192, 1, 60_000 // 8192)
+    assert (tmp_path / "run" / "config.yaml").is_file()
