@@ -19,6 +19,7 @@ import pytest
 from test_bad_input import _jpeg_folder
 from test_reliability import TINY_DATA, _Exploit, cli_args, newest, same_weights, tiny, weights
 
+import largebatch
 from largebatch import checkpoint as ckpt
 from largebatch.cli import main
 from largebatch.config import load_config
@@ -43,7 +44,7 @@ def finished_run(tmp_path: Path, name: str, **overrides) -> tuple[Path, dict[str
 
 
 def cli_env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(largebatch.__file__).resolve().parents[1])  # the code under test, in the subprocess too
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
 
 
