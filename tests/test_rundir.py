@@ -148,6 +148,12 @@ def test_a_run_refused_at_its_first_batch_leaves_nothing_behind(tmp_path, capsys
     code, line, _ = run_cli(args, capsys)
     assert code == 0, line
     assert newest(out).exists()
+    # --overwrite by a run refused at its first batch: the run it was replacing is put back
+    (images / "train" / "dog" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    before = snapshot(out)
+    code, line, _ = run_cli([*args, "--overwrite"], capsys)
+    assert code == 2 and line.startswith("largebatch: error: unreadable image")
+    assert snapshot(out) == before and not (out / ".replaced").exists()
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

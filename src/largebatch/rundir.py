@@ -8,7 +8,8 @@ where checkpoints exist but none can be used, or writing where another process w
 
 While a run is open, rank 0 holds an exclusive ``flock`` on ``.lock`` in the directory. The
 operating system releases it when the process ends, however it ends, so a crash never leaves a
-stale lock. A run refused before its first step takes away exactly what it created.
+stale lock. A run refused before its first step takes away exactly what it created, and puts
+back the run that ``--overwrite`` was replacing (kept aside in ``.replaced/`` until then).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from largebatch.config import ConfigError, TrainConfig, dump_yaml, from_dict, re
 from largebatch.distributed import broadcast_object
 
 LOCK_FILE = ".lock"
+REPLACED = ".replaced"  # the run an --overwrite replaces, kept until the new run's first step
 CONFIG_FILE = "config.yaml"
 # what a run writes into its directory, removed when --overwrite replaces it
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "checkpoints", "plots", "tensorboard", CONFIG_FILE)
@@ -100,6 +102,7 @@ class RunDir:
         self._lock = DirectoryLock(self.path / LOCK_FILE)
         self._created_root: Path | None = None  # the topmost directory this run created
         self._before: set[str] = set()  # entries that were there before this run
+        self._replacing = False  # the old run is in REPLACED until the first step
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -225,14 +228,18 @@ class RunDir:
         return path
 
     def _create(self, clear: bool) -> None:
-        """A fresh run: the old run's files go (only with --overwrite), then config.yaml and checkpoints/."""
+        """A fresh run: config.yaml and checkpoints/; the old run's files (only with --overwrite)
+        are moved aside, deleted once the new run has made its first step (``commit``)."""
         if clear:
+            replaced = self.path / REPLACED
+            if replaced.exists():
+                shutil.rmtree(replaced)  # left by an earlier replacement that never reached its first step
+            replaced.mkdir()
+            self._before.discard(REPLACED)
+            self._replacing = True
             for name in RUN_FILES:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+                if (self.path / name).exists() or (self.path / name).is_symlink():
+                    os.replace(self.path / name, replaced / name)
                 self._before.discard(name)  # gone now: what appears under this name is ours
         self.checkpoints.mkdir(exist_ok=True)
         tmp = self.path / (CONFIG_FILE + ".tmp")
@@ -240,6 +247,12 @@ class RunDir:
         os.replace(tmp, self.config_file)
 
     # ---- closing -------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """The new run has made its first step: the run it replaced is deleted for good."""
+        if self._replacing:
+            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+            self._replacing = False
 
     def close(self, discard: bool = False) -> None:
         """Release the lock; with ``discard`` (a refused run) first remove what this run created."""
@@ -255,11 +268,16 @@ class RunDir:
                 shutil.rmtree(self._created_root)
                 return
             for entry in self.path.iterdir():
-                if entry.name not in self._before:
+                if entry.name not in self._before and entry.name != REPLACED:
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:
                         entry.unlink()
+            replaced = self.path / REPLACED
+            if self._replacing:  # put back the run that --overwrite was replacing
+                for entry in replaced.iterdir():
+                    os.replace(entry, self.path / entry.name)
+                replaced.rmdir()
 
 
-__all__ = ["CONFIG_FILE", "LOCK_FILE", "DirectoryLock", "RunDir", "RunDirError", "config_differences_from"]
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "REPLACED", "DirectoryLock", "RunDir", "RunDirError", "config_differences_from"]

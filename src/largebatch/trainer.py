@@ -383,6 +383,8 @@ class Trainer:
                     self._bad = self._bad + step_bad
                     window.add(loss)
                     self.step += 1
+                    if self.step == start_step + 1:
+                        self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
                     faults.maybe_kill("step", self.step, env.rank)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     stop = records_failed = False
