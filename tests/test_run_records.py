@@ -113,3 +113,15 @@ def test_progress_drops_output_it_cannot_write():
     progress.message("run header")
     progress.update(1, 0, 0.1, 1.0, 100.0)
     progress.message("epoch 1: eval")  # nothing raised, nothing retried
+
+
+def test_the_demos_closing_lines_to_a_closed_pipe_do_not_fail_a_finished_run(tmp_path, monkeypatch):
+    import largebatch.trainer
+    from largebatch.trainer import RunResult
+
+    def finished(config, **kwargs):
+        return RunResult(tmp_path, 8, 80.0, 99.0, 0.5, 1.0)
+
+    monkeypatch.setattr(largebatch.trainer, "train", finished)
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
