@@ -199,7 +199,7 @@ class RunDir:
                 f"run directory {self.path} already holds a run; pass --resume auto to continue it "
                 "or --overwrite to replace it"
             )
-        self._create(clear=held or self.config_file.exists())
+        self._create(clear=held)
         return None
 
     def _differs(self) -> bool:
@@ -258,14 +258,18 @@ class RunDir:
         """Release the lock; with ``discard`` (a refused run) first remove what this run created."""
         if not self.is_main:
             return
-        self._lock.release()
         if discard:
-            self._remove_created()
+            self._remove_created()  # still under the lock: no other run sees it half removed
+        self._lock.release()
 
     def _remove_created(self) -> None:
         with contextlib.suppress(OSError):
             if self._created_root is not None:
-                shutil.rmtree(self._created_root)
+                shutil.rmtree(self.path)
+                for parent in self.path.parents:  # the parents it made, unless another run is in them now
+                    if not parent.is_relative_to(self._created_root):
+                        break
+                    parent.rmdir()
                 return
             for entry in self.path.iterdir():
                 if entry.name not in self._before and entry.name != REPLACED:
@@ -278,6 +282,7 @@ class RunDir:
                 for entry in replaced.iterdir():
                     os.replace(entry, self.path / entry.name)
                 replaced.rmdir()
+                self._replacing = False
 
 
 __all__ = ["CONFIG_FILE", "LOCK_FILE", "REPLACED", "DirectoryLock", "RunDir", "RunDirError", "config_differences_from"]
