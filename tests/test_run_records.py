@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_reliability import cli_args, newest, same_weights, tiny, weights
 from test_rundir import cli_env, finished_run
 
 from largebatch import checkpoint as ckpt
 from largebatch import metrics
 from largebatch.cli import main
+from largebatch.config import ConfigError, load_config
 from largebatch.metrics import Progress
+from largebatch.trainer import Trainer
 
 
 def rows(path) -> list[dict]:
@@ -75,6 +78,9 @@ def test_resume_drops_a_torn_last_metrics_line_with_a_notice(tmp_path, capsys):
     code = main([*cli_args(pairs), "--resume", "auto"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith(f"largebatch: error: {jsonl} line 2 is not a metrics row (")
+    # found while the directory is opened, where rank 0's verdict reaches every rank, not later on rank 0 alone
+    with pytest.raises(ConfigError, match="line 2 is not a metrics row"):
+        Trainer(load_config(None, list(pairs.items())), resume="auto")
 
 
 def test_a_closed_pipe_on_stdout_never_stops_training(tmp_path):

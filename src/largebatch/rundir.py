@@ -26,6 +26,7 @@ from pathlib import Path
 from largebatch import checkpoint as ckpt
 from largebatch.config import ConfigError, TrainConfig, dump_yaml, from_dict, read_yaml_mapping, to_dict
 from largebatch.distributed import broadcast_object
+from largebatch.metrics import read_jsonl
 
 LOCK_FILE = ".lock"
 REPLACED = ".replaced"  # the run an --overwrite replaces, kept until the new run's first step
@@ -187,7 +188,7 @@ class RunDir:
                 self._check_same_run(self.config_file, str(self.path))
             newest = ckpt.newest_valid(self.checkpoints, warn=self.notice, loadable=True)
             if newest is not None and not (overwrite and self._differs()):
-                return newest
+                return self._records_readable(newest)
             unusable = self._checkpoint_files()
             if unusable and not overwrite:
                 raise RunDirError(
@@ -211,7 +212,7 @@ class RunDir:
         ckpt.verify_checkpoint(path)
         if _inside(path, self.path):
             self._check_same_run(self.config_file, str(self.path))
-            return path
+            return self._records_readable(path)
         # a fork: the run continues from PATH in this (new) directory, PATH's run is left as it is
         source = path.parent.parent if path.parent.name == "checkpoints" else None
         if source is not None:
@@ -225,7 +226,13 @@ class RunDir:
         if source is not None and (source / "metrics.jsonl").is_file():
             shutil.copyfile(source / "metrics.jsonl", self.path / "metrics.jsonl")  # rows after PATH are dropped
         self.notice(f"forking the run: continuing {path} in {self.path}")
-        return path
+        return self._records_readable(path)
+
+    def _records_readable(self, resume_from: Path) -> Path:
+        """A resumed run appends to metrics.jsonl: a bad row in it stops every rank here, not rank 0 later."""
+        if (self.path / "metrics.jsonl").exists():
+            read_jsonl(self.path / "metrics.jsonl")  # a torn last line is dropped (with a notice) on truncation
+        return resume_from
 
     def _create(self, clear: bool) -> None:
         """A fresh run: config.yaml and checkpoints/; the old run's files (only with --overwrite)
