@@ -127,19 +127,45 @@ def step_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def step_path(directory: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``directory``."""
     return Path(directory) / f"step_{step:08d}.pt"
 
 
-def newest_valid(directory: str | Path, warn: Any = None) -> Path | None:
-    """The newest checkpoint that passes its integrity check; bad ones are reported and skipped."""
+def newest_valid(directory: str | Path, warn: Any = None, loadable: bool = False) -> Path | None:
+    """The newest checkpoint that passes its integrity check; bad ones are reported and skipped.
+
+    With ``loadable`` a checkpoint must also load as weights and plain data: one refused as
+    unsafe (pickled code) is skipped like a corrupt one. Its payload never runs either way,
+    because loading is ``weights_only``.
+    """
     for path in reversed(step_checkpoints(directory)):
         try:
-            verify_checkpoint(path)
+            if loadable:
+                load_checkpoint(path)
+            else:
+                verify_checkpoint(path)
             return path
         except CheckpointError as err:
             if warn is not None:
                 warn(f"{err}; trying the previous one")
     return None
+
+
+def is_partial_write(path: Path) -> bool:
+    """A temporary file of ``_atomic_write`` (``.NAME.XXXX.tmp``), left behind if the writer died."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def remove_partial_writes(directory: str | Path) -> list[Path]:
+    """Delete the half-written files a crash left in ``directory``; only safe while no writer runs."""
+    directory = Path(directory)
+    removed = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if is_partial_write(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+    return removed
 
 
 def prune(directory: str | Path, keep: int) -> None:

@@ -129,13 +129,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from largebatch.demo import demo_config
+    from largebatch.metrics import Progress
     from largebatch.trainer import train
 
     config = demo_config(out=args.out, epochs=args.epochs, data_dir=args.data_dir, progress=not args.no_progress)
     result = train(config, overwrite=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
-        print(f"final top-1 accuracy: {result.top1:.2f}%")
+    out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
+    out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
+    out.message(f"final top-1 accuracy: {result.top1:.2f}%")
     return 0
 
 

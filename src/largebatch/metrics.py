@@ -2,17 +2,25 @@
 
 Only rank 0 creates a ``MetricsWriter``; other ranks get ``None`` and write nothing. Files are
 opened in append mode, so a resumed run continues its records instead of replacing them.
+Records and the terminal are secondary to training: a failed write (a full disk, a closed pipe)
+is recorded or silenced, never raised in the middle of a step, and never leaves a torn line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+from largebatch.config import ConfigError
 
 CSV_COLUMNS = (
     "kind", "step", "epoch", "lr", "loss", "img_per_s", "data_time_s", "elapsed_s",
@@ -20,24 +28,53 @@ CSV_COLUMNS = (
 )
 
 
+class RunRecordError(ConfigError):
+    """metrics.jsonl or metrics.csv cannot be written or read back; the message names the file."""
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the end of the file (``os.write`` may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _csv_line(row: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
+    return buffer.getvalue()
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, resume_after_step: int | None = None) -> None:
+    """Appends one row per log step to metrics.jsonl and metrics.csv.
+
+    A write that fails (no space left, say) is undone, so no torn line stays behind, and
+    kept in ``error``; later rows are dropped. The trainer reads ``error`` at its next log step
+    and stops the run there with a checkpoint, instead of dying in the middle of a step.
+    """
+
+    def __init__(self, run_dir: Path, resume_after_step: int | None = None,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.run_dir = run_dir
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
-        if resume_after_step is not None:
-            self._truncate_after(resume_after_step)
-        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self._jsonl = self.jsonl_path.open("a")
-        self._csv_file = self.csv_path.open("a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new_csv:
-            self._csv.writeheader()
+        self.error: str | None = None
+        self._notice = notice
+        try:
+            if resume_after_step is not None:
+                self._truncate_after(resume_after_step)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            self._jsonl = os.open(self.jsonl_path, flags, 0o644)
+            self._csv = os.open(self.csv_path, flags, 0o644)
+            if os.fstat(self._csv).st_size == 0:
+                _append(self._csv, (",".join(CSV_COLUMNS) + "\r\n").encode())
+        except OSError as err:
+            raise RunRecordError(f"cannot write the run records in {run_dir}: {err.strerror or err}") from None
         self._tb = _tensorboard(run_dir)
 
     def _truncate_after(self, step: int) -> None:
         """Drop rows written after the checkpoint we resume from: they will be produced again."""
-        rows = read_jsonl(self.jsonl_path) if self.jsonl_path.exists() else []
+        rows = read_jsonl(self.jsonl_path, notice=self._notice) if self.jsonl_path.exists() else []
         kept = [r for r in rows if r.get("step", 0) <= step]
         self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with self.csv_path.open("w", newline="") as fh:
@@ -47,20 +84,36 @@ class MetricsWriter:
                 writer.writerow(r)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow(row)
-        self._csv_file.flush()
+        """Append ``row`` to both files, whole or not at all; a failure goes to ``error``."""
+        if self.error is not None:
+            return
+        for fd, path, text in ((self._jsonl, self.jsonl_path, json.dumps(row) + "\n"),
+                               (self._csv, self.csv_path, _csv_line(row))):
+            size = os.fstat(fd).st_size
+            try:
+                _append(fd, text.encode())
+            except OSError as err:
+                self.error = f"cannot write {path}: {err.strerror or err}"
+                try:
+                    os.ftruncate(fd, size)  # never leave half a line
+                except OSError:
+                    self.error += " (a torn last line is dropped on resume)"
+                return
         if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+            try:
+                for key, value in row.items():
+                    if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                        self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+            except OSError:
+                self._tb = None  # optional: TensorBoard stops, the run and its own records go on
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
+        for fd in (self._jsonl, self._csv):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._tb is not None:
-            self._tb.close()
+            with contextlib.suppress(OSError):
+                self._tb.close()
 
 
 def _tensorboard(run_dir: Path) -> Any:
@@ -71,8 +124,29 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | Path, notice: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (a crash or a full disk mid-write) is
+    dropped with a notice; a bad line anywhere else is an error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunRecordError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    rows = []
+    for i, line in numbered:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == numbered[-1][0]:
+                if notice is not None:
+                    notice(f"{path}: dropped a torn last line (line {i}, from an interrupted write)")
+                break
+            raise RunRecordError(f"{path} line {i} is not a metrics row ({err}); remove that line") from None
+        rows.append(row)
+    return rows
 
 
 def write_plots(run_dir: Path) -> list[Path]:
@@ -112,15 +186,24 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 
 class Progress:
-    """One status line on rank 0: epoch, step, lr, loss, img/s and time left."""
+    """One status line on rank 0: epoch, step, lr, loss, img/s and time left.
 
-    def __init__(self, total_steps: int, enabled: bool, is_main: bool = True, stream: TextIO | None = None) -> None:
+    On a terminal the line is redrawn in place at every update; elsewhere (a log file, a pipe)
+    it is printed as a new line about ``lines`` times over the run, not at every step. Output
+    that cannot be written (the reader of a pipe went away) is dropped: it never stops training.
+    """
+
+    def __init__(self, total_steps: int, enabled: bool, is_main: bool = True, stream: TextIO | None = None,
+                 lines: int = 100) -> None:
         self.total = total_steps
         self.enabled = enabled and is_main  # the progress line
         self.is_main = is_main  # messages (run header, eval results) print on rank 0 regardless
+        self.lines = lines
         self._stream = stream
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
+        self._last_printed: int | None = None
+        self._closed = False
 
     @property
     def stream(self) -> TextIO:
@@ -128,13 +211,18 @@ class Progress:
 
     @property
     def tty(self) -> bool:
-        return self.stream.isatty()
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
 
     def update(self, step: int, epoch: int, lr: float, loss: float, img_per_s: float) -> None:
         if not self.enabled:
             return
         if self._first_step is None:
-            self._first_step, self._t0 = step - 1, time.perf_counter()
+            # time left is measured from the first update on, which excludes start-up costs;
+            # until a second update there is no rate to extrapolate from
+            self._first_step, self._t0 = step, time.perf_counter()
         done = step - self._first_step
         elapsed = time.perf_counter() - self._t0
         left = elapsed / done * (self.total - step) if done > 0 else math.nan
@@ -143,18 +231,42 @@ class Progress:
             f"{img_per_s:,.0f} img/s left {_clock(left)}"
         )
         if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._emit("\r" + line.ljust(100))
+        elif self._line_due(step):
+            self._last_printed = step
+            self._emit(line + "\n")
+
+    def _line_due(self, step: int) -> bool:
+        """On a non-terminal: the first update, the last step, and one line per ``total / lines`` steps."""
+        every = max(1, math.ceil(self.total / max(1, self.lines)))
+        last = self._last_printed
+        return last is None or step >= self.total or step // every > last // every
 
     def message(self, text: str) -> None:
         if not self.is_main:
             return
         if self.enabled and self.tty:
-            self.stream.write("\r" + " " * 100 + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+            self._emit("\r" + " " * 100 + "\r")
+        self._emit(text + "\n")
+
+    def _emit(self, text: str) -> None:
+        if self._closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # BrokenPipeError, a closed file, EIO from a lost terminal
+            self._closed = True
+            _silence(self.stream)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a dead standard output at /dev/null, so that later prints and the flush at exit pass."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if stream is sys.__stdout__ or stream is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def _clock(seconds: float) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -27,21 +26,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import checkpoint as ckpt
 from largebatch import faults
-from largebatch.config import (
-    ConfigError,
-    TrainConfig,
-    batch_plan,
-    config_differences,
-    dump_yaml,
-    from_dict,
-    to_dict,
-)
+from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
 from largebatch.data import DataSource, build_dataset
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from largebatch.errors import DivergenceError, Preempted
-from largebatch.metrics import MetricsWriter, Progress, write_plots
+from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import LAMB, LARS, param_groups
+from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 
 
@@ -158,9 +150,14 @@ class Trainer:
         self.step = 0
         self.best_top1 = -1.0
         # only now, with data and model known to be usable, is the run directory touched
-        resume_path = self._prepare_run_dir(resume, overwrite)
+        self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
+        resume_path = self.rundir.open(resume, overwrite)
         if resume_path is not None:
-            self._load(resume_path)
+            try:
+                self._load(resume_path)
+            except BaseException:
+                self.rundir.close(discard=True)
+                raise
         self.progress.total = self.total_steps
 
     def _model_options(self) -> dict[str, Any]:
@@ -174,72 +171,6 @@ class Trainer:
         return options
 
     # ---- run directory and checkpoints --------------------------------------------------------
-
-    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> Path | None:
-        """Decide on rank 0, tell every rank: the checkpoint to resume from, or an error."""
-        decision: dict[str, Any] = {}
-        if self.env.is_main:
-            try:
-                decision["path"] = self._decide_run_dir(resume, overwrite)
-            except (ConfigError, ckpt.CheckpointError) as err:
-                decision["error"] = (type(err).__name__, str(err))
-        decision = broadcast_object(decision)  # type: ignore[assignment]
-        if "error" in decision:
-            kind, message = decision["error"]
-            raise (ckpt.CheckpointError if kind == "CheckpointError" else ConfigError)(message)
-        path = decision.get("path")
-        return Path(path) if path else None
-
-    def _decide_run_dir(self, resume: str | None, overwrite: bool) -> str | None:
-        run_dir, config_file = self.run_dir, self.run_dir / "config.yaml"
-        existing = config_file.exists()
-        if resume not in (None, "auto"):
-            path = Path(resume)
-            if not path.exists():
-                raise ConfigError(f"--resume {resume}: no such checkpoint")
-            ckpt.verify_checkpoint(path)
-            self._check_same_run(config_file)
-            return str(path)
-        if resume == "auto":
-            newest = ckpt.newest_valid(run_dir / "checkpoints", warn=self.progress.message)
-            if newest is not None:
-                self._check_same_run(config_file)
-                return str(newest)
-            # nothing to resume: a fresh start (e.g. the first launch under torchrun --max-restarts)
-        elif existing and not overwrite:
-            raise ConfigError(
-                f"run directory {run_dir} already holds a run; pass --resume auto to continue it "
-                "or --overwrite to replace it"
-            )
-        if existing and (overwrite or resume == "auto"):
-            for name in ("metrics.jsonl", "metrics.csv", "checkpoints", "plots", "tensorboard"):
-                target = run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-            tmp = config_file.with_suffix(".yaml.tmp")
-            tmp.write_text(dump_yaml(self.config))
-            os.replace(tmp, config_file)
-        except OSError as err:
-            raise ConfigError(f"cannot write the run directory {run_dir}: {err.strerror}") from None
-        return None
-
-    def _check_same_run(self, config_file: Path) -> None:
-        if not config_file.exists():
-            return
-        import yaml
-
-        old = yaml.safe_load(config_file.read_text()) or {}
-        diffs = config_differences(to_dict(from_dict(old)), to_dict(self.config))
-        if diffs:
-            raise ConfigError(
-                f"cannot resume {self.run_dir}: the config differs in {', '.join(diffs)}; "
-                "use a new --out or --overwrite"
-            )
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -377,7 +308,8 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, env = self.config, self.env
         t_start = time.perf_counter()
-        writer = MetricsWriter(self.run_dir, resume_after_step=self.step) if env.is_main else None
+        writer: MetricsWriter | None = None
+        start_step, finished = self.step, False
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         self._bad = torch.zeros((), device=env.device)
         self._first_bad = torch.full((), -1.0, device=env.device)
@@ -389,6 +321,8 @@ class Trainer:
             f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}"
         )
         try:
+            if env.is_main:
+                writer = MetricsWriter(self.run_dir, resume_after_step=self.step, notice=self.progress.message)
             window = _Window(env.device)
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -408,12 +342,15 @@ class Trainer:
                     self._bad = self._bad + step_bad
                     window.add(loss)
                     self.step += 1
+                    if self.step == start_step + 1:
+                        self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
                     faults.maybe_kill("step", self.step, env.rank)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    stop = False
+                    stop = records_failed = False
                     if self.step % cfg.log_every == 0 or end_of_epoch:
                         self._check_finite()
-                        mean_loss, stop = window.reduce(self._stop_requested)
+                        mean_loss, stop, records_failed = window.reduce(
+                            self._stop_requested, writer is not None and writer.error is not None)
                         row = {
                             "kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                             "lr": lr, "loss": mean_loss, "img_per_s": window.steps * cfg.batch_size / window.seconds(),
@@ -431,20 +368,37 @@ class Trainer:
                             self.save("best.pt")
                         window.restart()
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    if periodic or (not cfg.checkpoint_every and end_of_epoch) or self.step == self.total_steps or stop:
+                    last = self.step == self.total_steps
+                    if periodic or (not cfg.checkpoint_every and end_of_epoch) or last or stop or records_failed:
                         self.save()
                         window.restart()
+                    if records_failed:
+                        raise RunRecordError(self._records_failed_message(writer))
                     if stop:
                         raise Preempted(f"stopped by SIGTERM; checkpoint written at step {self.step} in {self.run_dir}")
+            if writer is not None and writer.error is not None:  # the last row could not be written
+                raise RunRecordError(self._records_failed_message(writer))
+            finished = True
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             if writer:
                 writer.close()
+            if not finished:  # a run refused before its first step takes away what it created
+                self.rundir.close(discard=self.step == start_step)
         if env.is_main:
-            write_plots(self.run_dir)
+            try:
+                write_plots(self.run_dir)
+            except (OSError, RunRecordError) as err:
+                self.progress.message(f"plots not written: {err}")
+        self.rundir.close()
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
                          last_eval.get("eval_loss"), time.perf_counter() - t_start)
+
+    def _records_failed_message(self, writer: MetricsWriter | None) -> str:
+        reason = writer.error if writer is not None else "rank 0 could not write the run records"
+        return (f"{reason}; stopped at step {self.step} with its checkpoint in {self.run_dir / 'checkpoints'}; "
+                "make room, then continue with --resume auto")
 
     def _report_eval(self, writer: MetricsWriter | None, epoch: int, result: dict[str, Any], elapsed: float) -> None:
         if writer is None:
@@ -475,11 +429,13 @@ class _Window:
     def seconds(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)
 
-    def reduce(self, stop_requested: bool) -> tuple[float, bool]:
+    def reduce(self, stop_requested: bool, records_failed: bool = False) -> tuple[float, bool, bool]:
+        """(mean loss, any rank asked to stop, rank 0 could not write its records)."""
         one = torch.ones((), device=self.loss.device)
-        stats = all_reduce_sum(torch.stack([self.loss, one, one * float(stop_requested)]))
-        loss_sum, ranks, stops = stats.tolist()
-        return loss_sum / ranks / max(self.steps, 1), stops > 0
+        flags = [one * float(stop_requested), one * float(records_failed)]
+        stats = all_reduce_sum(torch.stack([self.loss, one, *flags]))
+        loss_sum, ranks, stops, failed = stats.tolist()
+        return loss_sum / ranks / max(self.steps, 1), stops > 0, failed > 0
 
 
 def _main_thread() -> bool:
