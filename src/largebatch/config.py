@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DECAYS = ("poly", "cosine", "step", "constant")
 SCALING_RULES = ("none", "linear", "sqrt")
+GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -75,11 +76,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistConfig:
+    grad_dtype: str = "fp32"  # dtype of the all-reduced gradients: bf16/fp16 halve the bytes (DDP comm hook)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     batch_size: int = 8192
     micro_batch: int | None = None  # per process; default: batch_size / world (no accumulation)
     epochs: int = 10
@@ -250,6 +257,7 @@ def validate(config: TrainConfig) -> None:
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
+    _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ("warmup_end", "zero"))

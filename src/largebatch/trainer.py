@@ -29,7 +29,7 @@ from largebatch import checkpoint as ckpt
 from largebatch import faults
 from largebatch.config import ConfigError, TrainConfig, derive_accumulation, dump_yaml, from_dict, to_dict
 from largebatch.data import DataSource, build_dataset
-from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
+from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, compress_gradients, init_distributed
 from largebatch.metrics import MetricsWriter, Progress, write_plots
 from largebatch.models import build_model, model_options
 from largebatch.optim import LAMB, LARS, param_groups
@@ -186,6 +186,7 @@ class Trainer:
         if self.env.distributed:
             runner = DDP(runner, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                          gradient_as_bucket_view=True)
+            compress_gradients(runner, config.dist.grad_dtype)
         self.runner = runner
 
         self.step = 0
