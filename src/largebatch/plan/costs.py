@@ -74,7 +74,8 @@ _ZERO = CostTerms(0.0, 0.0, 0.0)
 class TwoLevelNetwork:
     """Nodes of ``per_node`` processes: ``intra`` prices links inside a node, ``inter`` between nodes.
 
-    Flat algorithms see every link as ``inter`` (the slower level decides a flat ring's pace).
+    Flat algorithms see every link as ``inter`` (the slower level decides a flat ring's pace)
+    unless all processes fit in one node.
     """
 
     intra: Network
@@ -202,8 +203,11 @@ def allreduce_terms(algorithm: str, p: int, n: float) -> CostTerms:
     return fn(p, n)
 
 
-def _flat(net: Network | TwoLevelNetwork) -> Network:
-    return net.inter if isinstance(net, TwoLevelNetwork) else net
+def _flat(net: Network | TwoLevelNetwork, p: int) -> Network:
+    """The links a flat algorithm sees: inside a node when all p fit in one, else the slower level."""
+    if isinstance(net, TwoLevelNetwork):
+        return net.intra if p <= net.per_node else net.inter
+    return net
 
 
 def _hierarchical_time(p: int, n: float, net: TwoLevelNetwork) -> tuple[str, float]:
@@ -224,18 +228,19 @@ def allreduce_time(algorithm: str, p: int, n: float, net: Network | TwoLevelNetw
         if not isinstance(net, TwoLevelNetwork):
             raise ValueError("the hierarchical all-reduce needs a two-level network (nodes of several processes)")
         return _hierarchical_time(p, n, net)[1]
-    return allreduce_terms(algorithm, p, n).time(_flat(net))
+    return allreduce_terms(algorithm, p, n).time(_flat(net, p))
 
 
 def best_algorithm(p: int, n: float, net: Network | TwoLevelNetwork) -> tuple[str, float]:
     """The cheapest algorithm for this size and its time (ties go to the first in ALGORITHMS).
 
-    On a two-level network the hierarchical scheme competes too, named ``hierarchical(<inter>)``.
+    On a two-level network the hierarchical scheme competes too, named ``hierarchical(<inter>)``,
+    when the processes fill whole nodes.
     """
-    flat = _flat(net)
+    flat = _flat(net, p)
     best = min(ALGORITHMS, key=lambda name: ALGORITHMS[name](p, n).time(flat))
     found = best, ALGORITHMS[best](p, n).time(flat)
-    if isinstance(net, TwoLevelNetwork):
+    if isinstance(net, TwoLevelNetwork) and (p <= net.per_node or p % net.per_node == 0):
         two = _hierarchical_time(p, n, net)
         if two[1] < found[1]:
             return two
