@@ -184,3 +184,15 @@ def test_processes_and_rates_that_make_no_sense_are_refused():
     for bad in (-10.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(PlanError, match="images/s must be a finite number > 0"):
             predict_iteration(PROF, HW, 2, 64, images_per_s=bad)
+
+
+def test_planner_sources_cite_only_what_the_repository_holds():
+    from pathlib import Path
+
+    import largebatch.plan as plan
+
+    root = Path(plan.__file__).parent
+    texts = {p.name: p.read_text() for p in [*root.glob("*.py"), *(root / "hardware").glob("*.yaml")]}
+    for name, text in texts.items():
+        for outside in ("PAPER.md", "DESIGN.md", "the issue"):
+            assert outside not in text, f"{name} cites {outside}"
