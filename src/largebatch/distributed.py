@@ -97,7 +97,7 @@ def compress_gradients(ddp_model: torch.nn.Module, grad_dtype: str) -> None:
     """All-reduce a DDP model's gradient buckets in ``grad_dtype`` ('fp32', 'bf16' or 'fp16').
 
     Half-precision buckets halve the bytes each all-reduce moves. torch's own communication hooks
-    do it (cast the bucket, all-reduce, divide by the world size, cast back to the gradients'
+    do it (cast the bucket, divide it by the world size, all-reduce it, cast it back to the gradients'
     dtype); fp32 keeps DDP's built-in all-reduce.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
