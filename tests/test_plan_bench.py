@@ -127,18 +127,21 @@ def test_step_time_fit_recovers_a_line_and_reports_residuals():
     assert fit.batches == tuple(batches) and max(abs(r) for r in residuals) < 1e-9
     with pytest.raises(PlanError, match="two different batch sizes"):
         fit_step_time([32, 32], [0.01, 0.011])
+    with pytest.raises(PlanError, match="did not grow with the batch"):
+        fit_step_time([4, 64], [0.011, 0.010])
 
 
 def test_bench_compute_with_a_batch_list_writes_a_step_time_fit(tmp_path, capsys):
     yaml_path = tmp_path / "hw.yaml"
     yaml_path.write_text("name: t\nnetwork: {alpha: 1.0e-4, beta: 1.0e-9}\n")
-    assert main(["bench", "compute", "mlp", "--batch", "4,64", "--steps", "3", "--warmup", "1",
+    # far-apart batches, so that the work per image shows above the noise of a shared machine
+    assert main(["bench", "compute", "mlp", "--batch", "4,2048", "--steps", "3", "--warmup", "1", "--threads", "1",
                  "--num-classes", "10", "--yaml", str(yaml_path)]) == 0
     out = capsys.readouterr().out
-    assert "batch 4," in out and "batch 64," in out and "step time = " in out
+    assert "batch 4," in out and "batch 2048," in out and "step time = " in out
     from largebatch.plan.hardware import load_hardware
 
     fit = load_hardware(yaml_path).step_time["mlp"]
-    assert fit.batches == (4, 64) and fit.per_image_s > 0 and fit.fixed_s >= 0
-    assert any(s.startswith("compute.step_time.mlp: `largebatch bench compute mlp --batch 4,64`")
+    assert fit.batches == (4, 2048) and fit.per_image_s > 0 and fit.fixed_s >= 0
+    assert any(s.startswith("compute.step_time.mlp: `largebatch bench compute mlp --batch 4,2048 --threads 1`")
                for s in load_hardware(yaml_path).sources)

@@ -221,6 +221,9 @@ def fit_step_time(batches: Sequence[int], times: Sequence[float]) -> tuple[StepT
     (fixed, per_image), *_ = np.linalg.lstsq(np.c_[np.ones_like(b), b], t, rcond=None)
     if fixed < 0:
         fixed, per_image = 0.0, float(b @ t / (b @ b))
+    if per_image <= 0:
+        raise PlanError("the step time did not grow with the batch (noise larger than the work per image): "
+                        "time larger batches, further apart, or more --steps")
     fit = StepTime(float(fixed), float(per_image), tuple(int(x) for x in batches))
     return fit, [fit.seconds(x) / y - 1.0 for x, y in zip(b, t, strict=True)]
 
