@@ -102,10 +102,9 @@ def _check_plan_args(args) -> None:
         raise PlanError("plan needs --model and --hardware (see --list-hardware)")
     if args.global_batch < 1:
         raise PlanError(f"--global-batch must be >= 1, got {args.global_batch}")
-    for flag, value in (("--bucket-mb", args.bucket_mb), ("--epochs", args.epochs)):
-        if not math.isfinite(value) or value < 0 or (flag == "--epochs" and value == 0):
-            raise PlanError(f"{flag} must be a finite number {'> 0' if flag == '--epochs' else '>= 0'}, got {value}")
-    for flag, value in (("--images-per-s", args.images_per_s), ("--flops", args.flops)):
+    if not (math.isfinite(args.bucket_mb) and args.bucket_mb >= 0):
+        raise PlanError(f"--bucket-mb must be a finite number >= 0, got {args.bucket_mb}")
+    for flag, value in (("--epochs", args.epochs), ("--images-per-s", args.images_per_s), ("--flops", args.flops)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise PlanError(f"{flag} must be a finite number > 0, got {value}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -138,8 +137,8 @@ def run_plan(args) -> int:
     prof = resolve_profile(args.model, args.profile_source, args.params, args.flops)
     procs = parse_processes(args.processes)
     if procs[-1] > args.global_batch:
-        raise PlanError(f"--global-batch {args.global_batch} is smaller than {procs[-1]} processes: "
-                        "some would get no image")
+        raise PlanError(f"--global-batch {args.global_batch} is smaller than {procs[-1]} processes: some would get "
+                        f"no image; give --processes up to {args.global_batch}")
     algorithm = args.algorithm or hw.algorithm or "best"
     grad_bytes = GRAD_BYTES[args.grad_dtype]
     preds = predict(prof, hw, procs, args.global_batch, args.epochs, args.dataset_size, algorithm=algorithm,
