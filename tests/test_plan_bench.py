@@ -82,6 +82,13 @@ def test_bench_compute_writes_images_per_s(tmp_path, capsys):
         ["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--processes", "x"],
         ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--sustained-fraction", "3"],
         ["bench", "compute", "no_such_net"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--images-per-s", "-10"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--images-per-s", "nan"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--images-per-s", "inf"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--global-batch", "64", "--processes", "1:128"],
+        ["plan", "--model", "resnet50", "--hardware", "h200-ib", "--processes", "12", "--algorithm", "hierarchical"],
+        ["plan", "--model", "resnet50", "--hardware", "h100-ib", "--algorithm", "hierarchical"],
+        ["bench", "compute", "resnet18", "--batch", "8,x"],
         ["bench", "comm", "--fit-min-size", "1G"],
     ],
 )
@@ -89,3 +96,52 @@ def test_user_mistakes_exit_2_with_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("largebatch: error: ") and "\n" not in err
+
+
+def test_plan_out_that_is_a_file_is_one_line_and_keeps_the_file(tmp_path, capsys):
+    taken = tmp_path / "plans"
+    taken.write_text("mine")
+    assert main(["plan", "--model", "resnet50", "--hardware", "h100-ib", "--profile-source", "paper",
+                 "--processes", "8", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("largebatch: error: --out ") and "\n" not in err
+    assert taken.read_text() == "mine"
+
+
+def test_plan_grad_dtype_halves_the_gradient_bytes(capsys):
+    base = ["plan", "--model", "resnet50", "--hardware", "h200-ib", "--profile-source", "paper", "--processes", "64"]
+    assert main(base) == 0
+    fp32 = capsys.readouterr().out
+    assert main([*base, "--grad-dtype", "bf16"]) == 0
+    bf16 = capsys.readouterr().out
+    assert "102 MB of fp32 gradients" in fp32 and "51 MB of bf16 gradients" in bf16
+    assert "hierarchical" in fp32
+
+
+def test_step_time_fit_recovers_a_line_and_reports_residuals():
+    from largebatch.plan.bench import fit_step_time
+
+    batches = [16, 32, 64, 256]
+    fit, residuals = fit_step_time(batches, [0.004 + b * 2e-4 for b in batches])
+    assert fit.fixed_s == pytest.approx(0.004) and fit.per_image_s == pytest.approx(2e-4)
+    assert fit.batches == tuple(batches) and max(abs(r) for r in residuals) < 1e-9
+    with pytest.raises(PlanError, match="two different batch sizes"):
+        fit_step_time([32, 32], [0.01, 0.011])
+    with pytest.raises(PlanError, match="did not grow with the batch"):
+        fit_step_time([4, 64], [0.011, 0.010])
+
+
+def test_bench_compute_with_a_batch_list_writes_a_step_time_fit(tmp_path, capsys):
+    yaml_path = tmp_path / "hw.yaml"
+    yaml_path.write_text("name: t\nnetwork: {alpha: 1.0e-4, beta: 1.0e-9}\n")
+    # far-apart batches, so that the work per image shows above the noise of a shared machine
+    assert main(["bench", "compute", "mlp", "--batch", "4,2048", "--steps", "3", "--warmup", "1", "--threads", "1",
+                 "--num-classes", "10", "--yaml", str(yaml_path)]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4," in out and "batch 2048," in out and "step time = " in out
+    from largebatch.plan.hardware import load_hardware
+
+    fit = load_hardware(yaml_path).step_time["mlp"]
+    assert fit.batches == (4, 2048) and fit.per_image_s > 0 and fit.fixed_s >= 0
+    assert any(s.startswith("compute.step_time.mlp: `largebatch bench compute mlp --batch 4,2048 --threads 1`")
+               for s in load_hardware(yaml_path).sources)

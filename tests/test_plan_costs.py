@@ -64,3 +64,48 @@ def test_allreduce_time_by_hand():
     assert costs.allreduce_time("best", 1, 1e6, net) == 0.0
     with pytest.raises(ValueError, match="unknown all-reduce"):
         costs.allreduce_time("tree", 4, 1e6, net)
+
+
+# ---- two-level (hierarchical) all-reduce ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("inter", list(costs.ALGORITHMS))
+@pytest.mark.parametrize(("p", "per_node"), [(2, 2), (4, 2), (6, 2), (8, 4), (12, 4), (16, 8), (24, 8), (3, 8), (5, 1)])
+def test_hierarchical_closed_form_matches_simulation(inter, p, per_node):
+    n_elems = 48 * p  # whole chunks at every level: a multiple of k * 2**floor(lg m)
+    counted = simulate.simulate_hierarchical(p, per_node, n_elems, inter, ELEM)
+    closed = costs.hierarchical(p, per_node, n_elems * ELEM, inter)
+    for level in ("intra", "inter"):
+        got, want = getattr(counted, level), getattr(closed, level)
+        assert got.messages == want.messages, level
+        assert got.bytes_sent == pytest.approx(want.bytes_sent, rel=1e-12), level
+        assert got.bytes_reduced == pytest.approx(want.bytes_reduced, rel=1e-12), level
+
+
+def test_hierarchical_by_hand_and_against_flat_ring():
+    # 4 nodes of 8, n = 64 MB, ring across nodes on 8 MB shares:
+    # inside: 14 messages, 2 * 64 * 7/8 = 112 MB sent, 56 MB reduced; between: 6, 2 * 8 * 3/4 = 12 MB, 6 MB
+    mb = 2**20
+    terms = costs.hierarchical(32, 8, 64 * mb, "ring")
+    assert terms.intra == costs.CostTerms(14, 112 * mb, 56 * mb)
+    assert terms.inter == costs.CostTerms(6, 12 * mb, 6 * mb)
+    fast, slow = Network(1e-6, 1 / 400e9), Network(5e-6, 1 / 50e9)
+    net = costs.TwoLevelNetwork(intra=fast, inter=slow, per_node=8)
+    flat = costs.allreduce_time("ring", 32, 64 * mb, net)  # every hop priced as the slow level
+    assert flat == pytest.approx(costs.ring(32, 64 * mb).time(slow))
+    two = costs.allreduce_time("hierarchical", 32, 64 * mb, net)  # the cheapest algorithm between nodes
+    assert two == pytest.approx(min(costs.hierarchical(32, 8, 64 * mb, a).time(net) for a in costs.ALGORITHMS))
+    # 4 nodes: Rabenseifner sends what the ring sends in 4 messages instead of 6
+    assert two == pytest.approx(terms.intra.time(fast) + terms.inter.time(slow) - 2 * slow.alpha)
+    assert two < flat / 3  # the slow links carry 1/8 of the data
+    assert costs.best_algorithm(32, 64 * mb, net)[0].startswith("hierarchical(")
+
+
+def test_hierarchical_needs_whole_nodes_and_two_levels():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        costs.hierarchical(12, 8, 1e6)
+    with pytest.raises(ValueError, match="two-level"):
+        costs.allreduce_time("hierarchical", 16, 1e6, Network(1e-6, 1e-9))
+    # one node: the ring inside it, nothing between nodes
+    one = costs.hierarchical(8, 8, 1e6)
+    assert one.intra == costs.ring(8, 1e6) and one.inter == costs.CostTerms(0, 0, 0)

@@ -114,3 +114,85 @@ def test_profiles():
     assert resolve_profile("mine", params=10, flops=20).flops == 20
     with pytest.raises(PlanError, match="no profile"):
         resolve_profile("vgg99", source="paper")
+
+
+# ---- two-level machines, measured step times, gradient bytes ---------------------------------------
+
+TWO_LEVEL = {
+    "name": "t2",
+    "network": {"alpha": 5e-6, "beta": 2e-11, "gamma": 0.0, "algorithm": "hierarchical"},
+    "node": {"processes": 4, "alpha": 1e-6, "beta": 2.5e-12},
+    "compute": {"step_time": {"toy": {"fixed_s": 0.01, "per_image_s": 0.001, "batches": [8, 32]}}},
+}
+
+
+def test_step_time_fit_prices_compute_as_fixed_plus_per_image():
+    hw = parse_hardware(TWO_LEVEL, "t2.yaml")
+    assert hw.algorithm == "hierarchical" and hw.node.per_node == 4 and hw.node.inter == hw.network
+    it = predict_iteration(PROF, hw, 8, 256, algorithm="hierarchical", bucket_bytes=None)
+    assert it.compute_s == pytest.approx(0.01 + 32 * 0.001)  # 32 images per process
+    assert it.update_s == 0.0 and it.fixed_s == 0.01
+    # T(1) = 0.01 + 256 x 0.001 (one process, the whole batch); p T(p) = 8 (0.042 + comm)
+    assert it.efficiency() == pytest.approx((0.01 + 0.256) / (8 * (0.042 + it.comm_s)))
+    assert it.overlap_s == pytest.approx(0.032 / 3 + max(0.064 / 3 + it.last_bucket_s, it.comm_s) + 0.01)
+    # an explicit images/s wins over the fit
+    assert predict_iteration(PROF, hw, 8, 256, images_per_s=100.0).compute_s == pytest.approx(0.32)
+
+
+def test_hierarchical_comm_by_hand_and_grad_bytes_halve_it():
+    hw = parse_hardware(TWO_LEVEL, "t2.yaml")
+    n = PROF.params * 4  # fp32
+    it = predict_iteration(PROF, hw, 8, 256, algorithm="hierarchical", bucket_bytes=None)
+    # inside (k = 4): 6 a + 2n * 3/4 b; between (m = 2, n/4 each) the cheapest is recursive
+    # doubling, 1 a + n/4 b (ring and Rabenseifner send the same bytes in 2 messages)
+    inside = 6 * 1e-6 + 1.5 * n * 2.5e-12
+    between = 1 * 5e-6 + n / 4 * 2e-11
+    assert it.comm_s == pytest.approx(inside + between)
+    half = predict_iteration(PROF, hw, 8, 256, algorithm="hierarchical", bucket_bytes=None, grad_bytes=2)
+    # bytes halve, messages do not
+    assert half.comm_s == pytest.approx(6 * 1e-6 + 1.5 * n / 2 * 2.5e-12 + 5e-6 + n / 8 * 2e-11)
+    with pytest.raises(PlanError, match="multiple of 4"):
+        predict_iteration(PROF, hw, 6, 256, algorithm="hierarchical")
+    # 'best' skips the two-level scheme where processes do not fill nodes, and flat inside one node
+    assert predict_iteration(PROF, hw, 6, 256).algorithm in ("ring", "recursive_doubling", "rabenseifner", "binomial")
+    one_node = predict_iteration(PROF, hw, 4, 256, algorithm="ring", bucket_bytes=None)
+    assert one_node.comm_s == pytest.approx(6 * 1e-6 + 1.5 * n * 2.5e-12)  # NVLink-class links only
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"network": {"alpha": 1e-6, "beta": 1e-9, "algorithm": "tree"}}, "network.algorithm must be one of"),
+        ({"network": {"alpha": 1e-6, "beta": 1e-9, "algorithm": "hierarchical"}}, "needs a node section"),
+        ({"network": {"alpha": 1e-6, "beta": 1e-9, "processes": 0}}, "network.processes"),
+        ({"network": {"alpha": 1e-6, "beta": 1e-9, "processes": 2.5}}, "network.processes"),
+        ({"node": {"alpha": 1e-6, "beta": 1e-9}}, "node.processes"),
+        ({"node": {"processes": 8, "alpha": 1e-6}}, "node.beta is required"),
+        ({"compute": {"step_time": {"m": {"fixed_s": 0.1}}}}, "per_image_s is required"),
+        ({"compute": {"step_time": {"m": {"fixed_s": -1, "per_image_s": 1e-3}}}}, "fixed_s"),
+    ],
+)
+def test_bad_two_level_and_step_time_files(change, message):
+    doc = {"name": "x", "network": {"alpha": 1e-6, "beta": 1e-9}, "compute": {"flops": 1e12}, **change}
+    with pytest.raises(PlanError, match=message):
+        parse_hardware(doc, "bad.yaml")
+
+
+def test_processes_and_rates_that_make_no_sense_are_refused():
+    with pytest.raises(PlanError, match="smaller than 128 processes"):
+        predict_iteration(PROF, HW, 128, 64)
+    for bad in (-10.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(PlanError, match="images/s must be a finite number > 0"):
+            predict_iteration(PROF, HW, 2, 64, images_per_s=bad)
+
+
+def test_planner_sources_cite_only_what_the_repository_holds():
+    from pathlib import Path
+
+    import largebatch.plan as plan
+
+    root = Path(plan.__file__).parent
+    texts = {p.name: p.read_text() for p in [*root.glob("*.py"), *(root / "hardware").glob("*.yaml")]}
+    for name, text in texts.items():
+        for outside in ("PAPER.md", "DESIGN.md", "the issue"):
+            assert outside not in text, f"{name} cites {outside}"

@@ -25,12 +25,14 @@ from largebatch.schedule import DECAYS, ORIGINS
 __all__ = [
     "DECAYS",
     "DEVICES",
+    "GRAD_DTYPES",
     "OPTIMIZERS",
     "PRECISIONS",
     "RESUMABLE_CHANGES",
     "SCALING_RULES",
     "ConfigError",
     "DataConfig",
+    "DistConfig",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -57,6 +59,7 @@ OPTIMIZERS = ("lars", "lamb", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCALING_RULES = ("none", "linear", "sqrt")
+GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
@@ -125,11 +128,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistConfig:
+    grad_dtype: str = described("fp32", "dtype of the all-reduced gradients: bf16/fp16 halve the bytes (DDP comm hook)")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     batch_size: int = described(8192, "global batch: processes x micro_batch x accumulation")
     micro_batch: int | None = described(None, "per process; default batch_size / world (no accumulation)")
     epochs: int = described(10, "epochs to train")
@@ -348,6 +357,7 @@ def validate(config: TrainConfig) -> None:
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
+    _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ORIGINS)

@@ -28,7 +28,7 @@ from largebatch import checkpoint as ckpt
 from largebatch import faults
 from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
 from largebatch.data import DataSource, build_dataset
-from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, init_distributed
+from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, compress_gradients, init_distributed
 from largebatch.errors import DivergenceError, Preempted
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
@@ -145,6 +145,7 @@ class Trainer:
         if self.env.distributed:
             runner = DDP(runner, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                          gradient_as_bucket_view=True)
+            compress_gradients(runner, config.dist.grad_dtype)
         self.runner = runner
 
         self.step = 0

@@ -5,7 +5,9 @@ rendezvous on a free port of 127.0.0.1 only, times all-reduces over a range of s
 ``fit_network`` recovers alpha and beta by weighted least squares on the chosen algorithm's
 closed form. gamma cannot be separated from beta with one process count (both multiply n), so
 it is measured apart, as the time of a local in-place add (``measure_gamma``), and subtracted
-before the fit. ``measure_compute`` times whole training steps (forward, backward, SGD step).
+before the fit. ``measure_compute`` times whole training steps (forward, backward, SGD step) on
+the GPU when there is one (bf16 autocast, channels_last), and ``fit_step_time`` fits the step
+time at several batch sizes as a fixed cost per step plus a cost per image.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ import numpy as np
 
 from largebatch.plan.costs import Network, allreduce_terms
 from largebatch.plan.errors import PlanError
+from largebatch.plan.hardware import StepTime
 
 __all__ = [
     "CommFit",
     "bench_comm",
+    "bench_device",
     "default_sizes",
+    "device_name",
     "fit_network",
+    "fit_step_time",
     "measure_compute",
     "measure_compute_concurrent",
     "measure_gamma",
+    "parse_batches",
     "parse_size",
     "resolve_bench_model",
 ]
@@ -38,7 +45,7 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 
 
 
 def parse_size(text: str) -> int:
-    """'256M' -> 268435456 (binary units, as the sizes in the issue are powers of two)."""
+    """'256M' -> 268435456 (binary units: message sizes here are powers of two)."""
     s = str(text).strip().upper()
     num = s.rstrip("KMGB")
     unit = s[len(num) :]
@@ -191,13 +198,41 @@ def fit_network(sizes: Sequence[float], times: Sequence[float], processes: int, 
     return CommFit(net, algorithm, processes, res)
 
 
+def parse_batches(text: str) -> list[int]:
+    """'32,64,256' -> [32, 64, 256]: the per-process batches to time."""
+    try:
+        batches = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise PlanError(f"bad --batch {text!r}: give per-process batch sizes >= 1, e.g. 32 or 32,64,256")
+    return batches
+
+
+def fit_step_time(batches: Sequence[int], times: Sequence[float]) -> tuple[StepTime, list[float]]:
+    """Least squares for t(b) = fixed_s + b * per_image_s; returns the fit and (model - measured) / measured.
+
+    A negative fixed cost (noise on a nearly proportional line) is refitted through the origin.
+    """
+    if len(batches) != len(times) or len(set(batches)) < 2:
+        raise PlanError("a step-time fit needs times at two different batch sizes or more")
+    b = np.asarray(batches, float)
+    t = np.asarray(times, float)
+    (fixed, per_image), *_ = np.linalg.lstsq(np.c_[np.ones_like(b), b], t, rcond=None)
+    if fixed < 0:
+        fixed, per_image = 0.0, float(b @ t / (b @ b))
+    if per_image <= 0:
+        raise PlanError("the step time did not grow with the batch (noise larger than the work per image): "
+                        "time larger batches, further apart, or more --steps")
+    fit = StepTime(float(fixed), float(per_image), tuple(int(x) for x in batches))
+    return fit, [fit.seconds(x) / y - 1.0 for x, y in zip(b, t, strict=True)]
+
+
 def resolve_bench_model(name: str, num_classes: int = 1000, image_size: int | None = None):
     """(model, input shape): from largebatch.models when it knows the name, else torchvision."""
-    try:
-        from largebatch import models  # lazy: optional sibling package
-    except ImportError:
-        models = None
-    if models is not None and name in getattr(models, "MODEL_NAMES", ()):
+    from largebatch import models
+
+    if name in models.MODEL_NAMES:
         size = image_size or models.default_input_size(name)
         return models.build_model(name, num_classes), (1 if size <= 28 else 3, size, size)
     import torchvision
@@ -216,6 +251,8 @@ def _compute_worker(rank: int, name: str, num_classes: int, image_size: int | No
 
     torch.set_num_threads(threads)
     model, shape = resolve_bench_model(name, num_classes, image_size)
+    if torch.cuda.is_available():  # one GPU per copy, as one process per GPU in a job
+        model = model.to(torch.device("cuda", rank % torch.cuda.device_count()))
     barrier.wait()  # all copies build first, then run their steps at the same time
     queue.put(measure_compute(model, shape, batch, steps, warmup, None, num_classes))
 
@@ -238,16 +275,35 @@ def measure_compute_concurrent(name: str, processes: int, batch: int, steps: int
     return max(queue.get() for _ in range(processes))
 
 
+def bench_device():
+    """The first GPU when there is one (a process per GPU is what the planner describes), else the CPU."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def measure_compute(model, input_shape: tuple[int, ...], batch: int, steps: int = 10, warmup: int = 2,
                     threads: int | None = None, num_classes: int = 1000) -> float:
-    """Median seconds of one training step (zero_grad, forward, loss, backward, SGD step) on synthetic data."""
+    """Median seconds of one training step (zero_grad, forward, loss, backward, SGD step) on synthetic data.
+
+    Runs where the model is; on a GPU, with bf16 autocast and channels_last images, as training there runs.
+    """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    fmt = torch.channels_last if on_gpu and len(input_shape) == 3 else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, *input_shape, device=device)
+    x = torch.randn(batch, *input_shape, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device)
     model.train()
     times = []
@@ -256,7 +312,9 @@ def measure_compute(model, input_shape: tuple[int, ...], batch: int, steps: int 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()

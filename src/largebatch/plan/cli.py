@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 from pathlib import Path
 
-from largebatch.plan.costs import ALGORITHMS
+from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
 __all__ = ["add_bench_parser", "add_plan_parser", "parse_processes", "run_bench", "run_plan"]
@@ -60,13 +61,16 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=90, help="epochs (default 90)")
     p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="training images (default ImageNet-1k)")
     p.add_argument("--processes", default="1:2048", help="process counts: 1:2048 (powers of two), or 512,1024,2048")
-    p.add_argument("--algorithm", default=None, choices=["best", *ALGORITHMS],
-                   help="all-reduce algorithm (default: the hardware file's, else the cheapest per size)")
+    p.add_argument("--algorithm", default=None, choices=["best", *ALGORITHMS, HIERARCHICAL],
+                   help="all-reduce algorithm (default: the hardware file's, else the cheapest per size); "
+                   "hierarchical needs a hardware file with a node section")
+    p.add_argument("--grad-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the all-reduced gradients (default fp32; bf16/fp16 halve the bytes)")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size in MiB, 0 for one all-reduce")
     p.add_argument("--images-per-s", type=float, help="measured per-process training images/s (overrides FLOP/s)")
     p.add_argument("--sustained-fraction", type=float, help="override the hardware's fraction of peak FLOP/s")
     p.add_argument("--profile-source", default="auto", choices=["auto", "models", "paper"],
-                   help="where params/FLOPs come from: largebatch.models, PAPER.md figures, or auto")
+                   help="where params/FLOPs come from: largebatch.models, the paper's figures (docs/paper.md), or auto")
     p.add_argument("--params", type=lambda s: int(float(s)), help="parameters, for a model without a profile")
     p.add_argument("--flops", type=float, help="forward FLOPs per image, for a model without a profile")
     p.add_argument("--out", help="directory for plan-<model>-<hardware>.md and .png")
@@ -84,47 +88,79 @@ def _hardware(args):
 
     hw = load_hardware(args.hardware)
     if args.sustained_fraction is not None:
-        peak = (hw.raw.get("compute") or {}).get("peak_flops")
-        if peak is None:
+        if hw.peak_flops is None:
             raise PlanError(f"--sustained-fraction needs compute.peak_flops in {args.hardware!r}")
         if not 0 < args.sustained_fraction <= 1:
             raise PlanError(f"--sustained-fraction must be in (0, 1], got {args.sustained_fraction}")
-        hw = replace(hw, flops=float(peak) * args.sustained_fraction)
+        hw = replace(hw, flops=hw.peak_flops * args.sustained_fraction)
     return hw
+
+
+def _check_plan_args(args) -> None:
+    """Refuse numbers that would print nonsense (negative times, efficiencies above 100%)."""
+    if not args.model or not args.hardware:
+        raise PlanError("plan needs --model and --hardware (see --list-hardware)")
+    if args.global_batch < 1:
+        raise PlanError(f"--global-batch must be >= 1, got {args.global_batch}")
+    if not (math.isfinite(args.bucket_mb) and args.bucket_mb >= 0):
+        raise PlanError(f"--bucket-mb must be a finite number >= 0, got {args.bucket_mb}")
+    for flag, value in (("--epochs", args.epochs), ("--images-per-s", args.images_per_s), ("--flops", args.flops)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PlanError(f"{flag} must be a finite number > 0, got {value}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise PlanError(f"--out {args.out} exists and is not a directory; give a directory for the .md and .png")
+
+
+def _network_line(hw) -> str:
+    def level(net) -> str:
+        rate = f"{1 / net.beta / 1e9:.2f} GB/s"
+        return f"alpha {net.alpha:.3g} s, beta {net.beta:.3g} s/B ({rate}), gamma {net.gamma:.3g} s/B"
+
+    if hw.node is None:
+        return f"- hardware: {hw.description}; {level(hw.network)}"
+    return (f"- hardware: {hw.description}; inside a node of {hw.node.per_node}: {level(hw.node.intra)}; "
+            f"between nodes: {level(hw.network)}")
 
 
 def run_plan(args) -> int:
     from largebatch.plan.hardware import list_hardware, load_hardware
     from largebatch.plan.model import resolve_profile
-    from largebatch.plan.predict import predict
+    from largebatch.plan.predict import GRAD_BYTES, predict
     from largebatch.plan.report import allreduce_table, format_seconds, plot, table
 
     if args.list_hardware:
         for name in list_hardware():
             print(f"{name}: {load_hardware(name).description}")
         return 0
-    if not args.model or not args.hardware:
-        raise PlanError("plan needs --model and --hardware (see --list-hardware)")
-    if args.global_batch < 1:
-        raise PlanError(f"--global-batch must be >= 1, got {args.global_batch}")
-    if args.bucket_mb < 0:
-        raise PlanError(f"--bucket-mb must be >= 0, got {args.bucket_mb}")
+    _check_plan_args(args)
     hw = _hardware(args)
     prof = resolve_profile(args.model, args.profile_source, args.params, args.flops)
     procs = parse_processes(args.processes)
-    algorithm = args.algorithm or (hw.raw.get("network") or {}).get("algorithm") or "best"
+    if procs[-1] > args.global_batch:
+        raise PlanError(f"--global-batch {args.global_batch} is smaller than {procs[-1]} processes: some would get "
+                        f"no image; give --processes up to {args.global_batch}")
+    algorithm = args.algorithm or hw.algorithm or "best"
+    grad_bytes = GRAD_BYTES[args.grad_dtype]
     preds = predict(prof, hw, procs, args.global_batch, args.epochs, args.dataset_size, algorithm=algorithm,
-                    bucket_bytes=args.bucket_mb * 2**20 or None, images_per_s=args.images_per_s)
+                    bucket_bytes=args.bucket_mb * 2**20 or None, images_per_s=args.images_per_s,
+                    grad_bytes=grad_bytes)
+    fit = None if args.images_per_s else hw.step_time.get(prof.name)
     ips = args.images_per_s or hw.images_per_s.get(prof.name)
-    compute_from = f"measured {ips:g} images/s per process" if ips else f"{hw.flops:.3g} FLOP/s sustained per process"
+    if fit is not None:
+        fitted_on = f", fitted on batches {','.join(map(str, fit.batches))}" if fit.batches else ""
+        compute_from = (f"measured step {fit.fixed_s * 1e3:.3g} ms + {fit.per_image_s * 1e6:.3g} us per image "
+                        f"per process{fitted_on}")
+    elif ips:
+        compute_from = f"measured {ips:g} images/s per process"
+    else:
+        compute_from = f"{hw.flops:.3g} FLOP/s sustained per process"
     buckets = f"buckets of {args.bucket_mb:g} MiB" if args.bucket_mb else "one all-reduce of all gradients"
     lines = [
         f"# Plan: {prof.name} on {hw.name}",
         "",
-        f"- model: {prof.params / 1e6:.1f}M parameters ({prof.params * 4 / 1e6:.0f} MB of fp32 gradients), "
-        f"{prof.flops / 1e9:.2f} GFLOP forward per image ({prof.source})",
-        f"- hardware: {hw.description}; alpha {hw.network.alpha:.3g} s, beta {hw.network.beta:.3g} s/B "
-        f"({1 / hw.network.beta / 1e9:.2f} GB/s), gamma {hw.network.gamma:.3g} s/B",
+        f"- model: {prof.params / 1e6:.1f}M parameters ({prof.params * grad_bytes / 1e6:.0f} MB of "
+        f"{args.grad_dtype} gradients), {prof.flops / 1e9:.2f} GFLOP forward per image ({prof.source})",
+        _network_line(hw),
         f"- compute: {compute_from}; all-reduce: {algorithm}, {buckets}",
         f"- global batch {args.global_batch}, {args.epochs:g} epochs of {args.dataset_size} images "
         f"= {preds[0].iterations} iterations",
@@ -135,14 +171,17 @@ def run_plan(args) -> int:
         from largebatch.plan.bench import default_sizes
 
         big = procs[-1]
-        lines += ["", f"All-reduce at {big} processes:", "", allreduce_table(big, default_sizes(), hw.network)]
+        lines += ["", f"All-reduce at {big} processes:", "", allreduce_table(big, default_sizes(), hw.links)]
     text = "\n".join(lines)
     print(text)
     if args.out:
         out = Path(args.out)
         stem = f"plan-{prof.name}-{hw.name}"
-        png = plot(preds, out / f"{stem}.png", title=f"{prof.name} on {hw.name}, batch {args.global_batch}")
-        (out / f"{stem}.md").write_text(text + f"\n\n![time to train and efficiency]({png.name})\n")
+        try:
+            png = plot(preds, out / f"{stem}.png", title=f"{prof.name} on {hw.name}, batch {args.global_batch}")
+            (out / f"{stem}.md").write_text(text + f"\n\n![time to train and efficiency]({png.name})\n")
+        except OSError as err:
+            raise PlanError(f"cannot write the plan to {out}: {err.strerror or err}") from None
         fastest = min(preds, key=lambda pr: pr.time_to_train())
         print(f"\nwrote {out / stem}.md and .png; fastest: {fastest.processes} processes, "
               f"{format_seconds(fastest.time_to_train())}", file=sys.stderr)
@@ -166,9 +205,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--yaml", help="write or update this hardware YAML with the fitted network")
     c.add_argument("--name", help="hardware name when --yaml creates a new file")
     c.set_defaults(run=run_bench)
-    m = sub.add_parser("compute", help="measure training images/s of MODEL (forward, backward, SGD step)")
+    m = sub.add_parser("compute", help="measure training images/s of MODEL (forward, backward, SGD step); "
+                       "on the GPU when there is one")
     m.add_argument("model", help="a largebatch.models name, else a torchvision model name")
-    m.add_argument("--batch", type=int, default=32, help="per-process batch (default 32)")
+    m.add_argument("--batch", default="32",
+                   help="per-process batch, or a list (32,64,256) to fit step time = fixed + batch x per image")
     m.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     m.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     m.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice; cores/N with N)")
@@ -203,7 +244,7 @@ def _update_yaml(path: str, name: str | None, section: str, values: dict, source
     sources = [s for s in data.get("sources", []) if not s.startswith(prefix)]
     sources.append(source)
     data["sources"] = sources
-    data = {k: data[k] for k in ("name", "description", "compute", "network", "sources") if k in data}
+    data = {k: data[k] for k in ("name", "description", "compute", "network", "node", "sources") if k in data}
     header = "Measured on this machine by `largebatch bench`; see `sources` for the command and date of each figure."
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(render_hardware(data, header))
@@ -247,24 +288,44 @@ def run_bench(args) -> int:
                          f"network: `{cmd}` ({backend}, {today}); weighted least squares on the {args.algorithm} "
                          f"form; gamma from a timed local a += b; largest model error {worst:.0%}")
         return 0
-    if args.batch < 1 or args.steps < 1:
-        raise PlanError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")
+    batches = bench.parse_batches(args.batch)
+    if args.steps < 1:
+        raise PlanError(f"--steps must be >= 1, got {args.steps}")
     if args.processes < 1:
         raise PlanError(f"--processes must be >= 1, got {args.processes}")
     model, shape = bench.resolve_bench_model(args.model, args.num_classes, args.image_size)
-    if args.processes == 1:
-        step = bench.measure_compute(model, shape, args.batch, args.steps, args.warmup, args.threads, args.num_classes)
-    else:
-        del model
-        step = bench.measure_compute_concurrent(args.model, args.processes, args.batch, args.steps, args.warmup,
-                                                args.threads, args.num_classes, args.image_size)
-    ips = args.batch / step
-    print(f"{args.model}: batch {args.batch}, input {'x'.join(map(str, shape))}, {args.processes} process(es) at once, "
-          f"median step {step * 1e3:.1f} ms, {ips:.1f} images/s per process")
+    device = bench.bench_device()
+    model = model.to(device)
+    where = f"{device.type}" + (f" ({bench.device_name(device)}, bf16 autocast, channels_last)" if device.type == "cuda"
+                                else "")
+    steps = []
+    for batch in batches:
+        if args.processes == 1:
+            step = bench.measure_compute(model, shape, batch, args.steps, args.warmup, args.threads, args.num_classes)
+        else:
+            step = bench.measure_compute_concurrent(args.model, args.processes, batch, args.steps, args.warmup,
+                                                    args.threads, args.num_classes, args.image_size)
+        steps.append(step)
+        print(f"{args.model}: batch {batch}, input {'x'.join(map(str, shape))}, {args.processes} process(es) at "
+              f"once on {where}, median step {step * 1e3:.2f} ms, {batch / step:.1f} images/s per process")
+    threads = f" --threads {args.threads}" if args.threads else ""
+    threads += f" --processes {args.processes}" if args.processes > 1 else ""
+    cmd = f"largebatch bench compute {args.model} --batch {','.join(map(str, batches))}{threads}"
+    if len(set(batches)) < 2:
+        ips = batches[0] / steps[0]
+        if args.yaml:
+            _update_yaml(args.yaml, args.name, "compute", {"images_per_s": {args.model: float(f"{ips:.4g}")}},
+                         f"compute.images_per_s.{args.model}: `{cmd}` on {where} ({today}), "
+                         f"median of {args.steps} steps")
+        return 0
+    fit, residuals = bench.fit_step_time(batches, steps)
+    worst = max(abs(r) for r in residuals)
+    print(f"step time = {fit.fixed_s * 1e3:.3f} ms + batch x {fit.per_image_s * 1e6:.2f} us "
+          f"(least squares; largest model error {worst:.0%})")
     if args.yaml:
-        threads = f" --threads {args.threads}" if args.threads else ""
-        threads += f" --processes {args.processes}" if args.processes > 1 else ""
-        _update_yaml(args.yaml, args.name, "compute", {"images_per_s": {args.model: float(f"{ips:.4g}")}},
-                     f"compute.images_per_s.{args.model}: `largebatch bench compute {args.model} --batch {args.batch}"
-                     f"{threads}` ({today}), median of {args.steps} steps")
+        entry = {"fixed_s": float(f"{fit.fixed_s:.4g}"), "per_image_s": float(f"{fit.per_image_s:.4g}"),
+                 "batches": list(batches)}
+        _update_yaml(args.yaml, args.name, "compute", {"step_time": {args.model: entry}},
+                     f"compute.step_time.{args.model}: `{cmd}` on {where} ({today}), median of {args.steps} "
+                     f"steps per batch; least squares, largest model error {worst:.0%}")
     return 0

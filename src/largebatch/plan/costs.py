@@ -6,9 +6,14 @@ coefficient with a step-by-step simulation (``simulate.py``) rather than only a 
 
 Non-powers of two: recursive doubling and Rabenseifner's algorithm first fold the r = p - p'
 extra processes (p' = 2**floor(lg p)) into partners with one full-vector message and, at the end,
-send them the result with one more. The fractions then involve p', not p: PAPER.md writes the
-non-power-of-two Rabenseifner bytes as (2(p-1)/p + 2) n and reductions as (1 + (p-1)/p) n; the
-count of the algorithm gives (2(p'-1)/p' + 2) n and (1 + (p'-1)/p') n, which is what we use.
+send them the result with one more. The fractions then involve p', not p: the usual statement
+of the non-power-of-two Rabenseifner cost, (2(p-1)/p + 2) n bytes and (1 + (p-1)/p) n reduced,
+rounds them; the count of the algorithm gives (2(p'-1)/p' + 2) n and (1 + (p'-1)/p') n, which is
+what we use (docs/paper.md, "All-reduce costs").
+
+Two-level machines (GPU nodes: fast links inside a node, one network port per GPU between nodes)
+use ``hierarchical``: reduce-scatter inside each node, all-reduce of each 1/k share across the
+nodes, all-gather inside each node, each level priced with its own (alpha, beta, gamma).
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALGORITHMS",
+    "HIERARCHICAL",
     "CostTerms",
+    "LevelTerms",
     "Network",
+    "TwoLevelNetwork",
     "allreduce_terms",
     "allreduce_time",
     "best_algorithm",
     "binomial",
+    "hierarchical",
+    "node_layout",
     "rabenseifner",
     "recursive_doubling",
     "ring",
@@ -58,6 +68,30 @@ class CostTerms:
 
 
 _ZERO = CostTerms(0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TwoLevelNetwork:
+    """Nodes of ``per_node`` processes: ``intra`` prices links inside a node, ``inter`` between nodes.
+
+    Flat algorithms see every link as ``inter`` (the slower level decides a flat ring's pace)
+    unless all processes fit in one node.
+    """
+
+    intra: Network
+    inter: Network
+    per_node: int
+
+
+@dataclass(frozen=True)
+class LevelTerms:
+    """The cost of a two-level all-reduce: coefficients inside nodes and between them."""
+
+    intra: CostTerms
+    inter: CostTerms
+
+    def time(self, net: TwoLevelNetwork) -> float:
+        return self.intra.time(net.intra) + self.inter.time(net.inter)
 
 
 def _check(p: int, n: float) -> None:
@@ -133,6 +167,33 @@ ALGORITHMS = {
     "binomial": binomial,
 }
 
+HIERARCHICAL = "hierarchical"
+
+
+def node_layout(p: int, per_node: int) -> tuple[int, int]:
+    """(processes per node, nodes) for p processes filling nodes of per_node: fewer than a node is one node."""
+    _check(per_node, 0)
+    k = min(p, per_node)
+    if p % k:
+        raise ValueError(f"{p} processes do not fill nodes of {per_node}; use a multiple of {per_node}")
+    return k, p // k
+
+
+def hierarchical(p: int, per_node: int, n: float, inter_algorithm: str = "ring") -> LevelTerms:
+    """Two-level all-reduce of n bytes on p processes, per_node to a node (p a multiple of it).
+
+    Inside each node of k processes a ring reduce-scatter leaves each process the node's sum of
+    one n/k share; the m = p/k processes holding the same share in different nodes all-reduce it
+    with ``inter_algorithm`` (all k shares at once, one network port per process); a ring
+    all-gather inside each node spreads the result. Inside: 2(k-1) a + 2n(k-1)/k b + n(k-1)/k g,
+    i.e. ring(k, n); between nodes: inter_algorithm(m, n/k).
+    """
+    _check(p, n)
+    k, m = node_layout(p, per_node)
+    if inter_algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown all-reduce algorithm {inter_algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    return LevelTerms(ring(k, n), ALGORITHMS[inter_algorithm](m, n / k))
+
 
 def allreduce_terms(algorithm: str, p: int, n: float) -> CostTerms:
     try:
@@ -142,14 +203,45 @@ def allreduce_terms(algorithm: str, p: int, n: float) -> CostTerms:
     return fn(p, n)
 
 
-def allreduce_time(algorithm: str, p: int, n: float, net: Network) -> float:
-    """Seconds for one all-reduce of n bytes over p processes; ``algorithm='best'`` takes the minimum."""
+def _flat(net: Network | TwoLevelNetwork, p: int) -> Network:
+    """The links a flat algorithm sees: inside a node when all p fit in one, else the slower level."""
+    if isinstance(net, TwoLevelNetwork):
+        return net.intra if p <= net.per_node else net.inter
+    return net
+
+
+def _hierarchical_time(p: int, n: float, net: TwoLevelNetwork) -> tuple[str, float]:
+    """The cheapest inter-node algorithm inside the two-level scheme, and the total time."""
+    times = {a: hierarchical(p, net.per_node, n, a).time(net) for a in ALGORITHMS}
+    best = min(times, key=times.__getitem__)
+    return f"{HIERARCHICAL}({best})", times[best]
+
+
+def allreduce_time(algorithm: str, p: int, n: float, net: Network | TwoLevelNetwork) -> float:
+    """Seconds for one all-reduce of n bytes over p processes; ``algorithm='best'`` takes the minimum.
+
+    ``hierarchical`` needs a ``TwoLevelNetwork`` and picks the cheapest algorithm between nodes.
+    """
     if algorithm == "best":
         return best_algorithm(p, n, net)[1]
-    return allreduce_terms(algorithm, p, n).time(net)
+    if algorithm == HIERARCHICAL:
+        if not isinstance(net, TwoLevelNetwork):
+            raise ValueError("the hierarchical all-reduce needs a two-level network (nodes of several processes)")
+        return _hierarchical_time(p, n, net)[1]
+    return allreduce_terms(algorithm, p, n).time(_flat(net, p))
 
 
-def best_algorithm(p: int, n: float, net: Network) -> tuple[str, float]:
-    """The cheapest algorithm for this size and its time (ties go to the first in ALGORITHMS)."""
-    best = min(ALGORITHMS, key=lambda name: ALGORITHMS[name](p, n).time(net))
-    return best, ALGORITHMS[best](p, n).time(net)
+def best_algorithm(p: int, n: float, net: Network | TwoLevelNetwork) -> tuple[str, float]:
+    """The cheapest algorithm for this size and its time (ties go to the first in ALGORITHMS).
+
+    On a two-level network the hierarchical scheme competes too, named ``hierarchical(<inter>)``,
+    when the processes fill whole nodes.
+    """
+    flat = _flat(net, p)
+    best = min(ALGORITHMS, key=lambda name: ALGORITHMS[name](p, n).time(flat))
+    found = best, ALGORITHMS[best](p, n).time(flat)
+    if isinstance(net, TwoLevelNetwork) and (p <= net.per_node or p % net.per_node == 0):
+        two = _hierarchical_time(p, n, net)
+        if two[1] < found[1]:
+            return two
+    return found

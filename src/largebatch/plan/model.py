@@ -1,8 +1,8 @@
 """What the planner needs to know about a network: parameter count and forward FLOPs per image.
 
-Profiles come from ``largebatch.models`` (built and counted) when that package is installed and
-knows the name, or from the paper's figures (PAPER.md) for the paper's models, or from the user
-(``--params``/``--flops``). ``largebatch.models`` is imported lazily so the planner works without it.
+Profiles come from ``largebatch.models`` (built and counted) when it knows the name, or from the
+published figures for the paper's models (docs/paper.md), or from the user (``--params``/``--flops``).
+``largebatch.models`` (and with it torch) is imported lazily so that planning needs no torch.
 """
 
 from __future__ import annotations
@@ -29,23 +29,22 @@ class Profile:
         return self.flops / self.params
 
 
-# PAPER.md, "Iterations": AlexNet 61M parameters, ~0.72 G multiply-adds per image; ResNet-50
+# docs/paper.md, "Model sizes": AlexNet 61M parameters, ~0.72 G multiply-adds per image; ResNet-50
 # 25.6M, ~4.1 G. AlexNet-BN adds BatchNorm before conv2-conv5 (a few thousand parameters, no
 # multiply-adds in the usual count), so it takes AlexNet's figures.
 PAPER_PROFILES = {
-    "alexnet": Profile("alexnet", 61_000_000, 2 * 0.72e9, "PAPER.md: 61M parameters, 0.72 G MACs"),
-    "alexnet_bn": Profile("alexnet_bn", 61_000_000, 2 * 0.72e9, "PAPER.md (AlexNet figures): 61M, 0.72 G MACs"),
-    "resnet50": Profile("resnet50", 25_600_000, 2 * 4.1e9, "PAPER.md: 25.6M parameters, 4.1 G MACs"),
+    "alexnet": Profile("alexnet", 61_000_000, 2 * 0.72e9, "docs/paper.md: 61M parameters, 0.72 G MACs"),
+    "alexnet_bn": Profile("alexnet_bn", 61_000_000, 2 * 0.72e9,
+                          "docs/paper.md (AlexNet figures): 61M, 0.72 G MACs"),
+    "resnet50": Profile("resnet50", 25_600_000, 2 * 4.1e9, "docs/paper.md: 25.6M parameters, 4.1 G MACs"),
 }
 
 
 def profile_from_models(name: str, num_classes: int = 1000) -> Profile | None:
-    """Build the model with ``largebatch.models`` and count it; None when that package is absent."""
-    try:
-        from largebatch import models  # lazy: built by another module, optional here
-    except ImportError:
-        return None
-    if name not in getattr(models, "MODEL_NAMES", ()):
+    """Build the model with ``largebatch.models`` and count it; None when it does not know the name."""
+    from largebatch import models  # lazy: it imports torch
+
+    if name not in models.MODEL_NAMES:
         return None
     net = models.build_model(name, num_classes)
     size = models.default_input_size(name)
@@ -72,7 +71,7 @@ def resolve_profile(
     if source in ("auto", "models"):
         found = profile_from_models(name, num_classes)
         if found is None and source == "models":
-            raise PlanError(f"largebatch.models is not installed or does not know {name!r}")
+            raise PlanError(f"largebatch.models does not know {name!r}")
     if found is None:
         found = PAPER_PROFILES.get(name)
     if found is None:

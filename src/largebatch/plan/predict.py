@@ -3,17 +3,24 @@
 One iteration on p processes at global batch B (strong scaling: B fixed, b = B/p per process):
 
     compute  = b * 3 * F / R          F forward FLOPs per image, R sustained FLOP/s; backward ~ 2x forward
-               (or b / images_per_s when a measured training throughput is given)
+               (or t0 + b * t_img from a measured step-time fit, or b / images_per_s when a
+               measured training throughput is given)
     update   = params * U / memory_bandwidth   the optimizer step, memory-bound (FLOP/s path only;
                a measured images/s already contains it)
-    comm     = sum over gradient buckets of allreduce(bucket bytes)
+    comm     = sum over gradient buckets of allreduce(bucket bytes), params * grad_bytes in all
+               (4 for fp32 gradients, 2 for bf16/fp16)
     serial   = forward + backward + comm + update
     overlap  = forward + max(backward + comm(last bucket), comm) + update
+    (a measured fixed cost per step is added to both, outside the overlap)
 
 The overlapped form is the ideal bucketed schedule of DDP: buckets are all-reduced while
 backward continues, but the last bucket can only start when backward ends. Scaling efficiency
 is T(1) / (p T(p)) = compute / iteration time, since compute is linear in b and one process
 does not communicate.
+
+The measured step-time fit matters at small per-process batches: a fixed cost per step (kernel
+launches, the optimizer) does not shrink with b, so strong scaling loses to it before the
+network (see docs/planner.md).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from largebatch.plan.hardware import Hardware
 from largebatch.plan.model import Profile
 
 __all__ = [
+    "GRAD_BYTES",
     "IterationPrediction",
     "TrainingPrediction",
     "bucket_sizes",
@@ -36,8 +44,8 @@ __all__ = [
     "predict_iteration",
 ]
 
-# fp32 gradients
-GRAD_BYTES = 4
+# bytes per all-reduced gradient element, by dtype
+GRAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # the optimizer's memory traffic per parameter: LARS reads w, g, v and writes v, w (20 bytes),
 # plus the two norms read w and g again (8 bytes)
 UPDATE_BYTES = 28
@@ -46,7 +54,7 @@ DEFAULT_BUCKET = 25 * 2**20
 
 
 def iterations(epochs: float, dataset_size: int, global_batch: int) -> int:
-    """Iterations to see ``epochs`` passes of the data: ceil(epochs * N / B) (PAPER.md's convention)."""
+    """Iterations to see ``epochs`` passes of the data: ceil(epochs * N / B) (the paper's counts)."""
     if epochs <= 0 or dataset_size <= 0 or global_batch <= 0:
         got = f"{epochs}, {dataset_size}, {global_batch}"
         raise PlanError(f"epochs, dataset size and global batch must be > 0, got {got}")
@@ -66,8 +74,11 @@ def comm_time(hw: Hardware, processes: int, grad_bytes: float, algorithm: str = 
               bucket_bytes: float | None = DEFAULT_BUCKET) -> tuple[float, float, str]:
     """(total seconds, seconds of the last bucket, algorithm used for the largest bucket)."""
     sizes = bucket_sizes(grad_bytes, bucket_bytes)
-    times = [allreduce_time(algorithm, processes, s, hw.network) for s in sizes]
-    used = best_algorithm(processes, sizes[0], hw.network)[0] if algorithm == "best" else algorithm
+    try:
+        times = [allreduce_time(algorithm, processes, s, hw.links) for s in sizes]
+        used = best_algorithm(processes, sizes[0], hw.links)[0] if algorithm == "best" else algorithm
+    except ValueError as err:  # a hierarchical all-reduce on processes that do not fill whole nodes
+        raise PlanError(f"{hw.name}: {err}") from None
     return sum(times), times[-1], used
 
 
@@ -81,11 +92,12 @@ class IterationPrediction:
     comm_s: float
     last_bucket_s: float
     algorithm: str
+    fixed_s: float = 0.0  # measured cost per step whatever the batch (launches, optimizer); not overlapped
 
     @property
     def compute_s(self) -> float:
-        """Forward, backward and optimizer update: what one process would do alone per image share."""
-        return self.forward_s + self.backward_s + self.update_s
+        """Forward, backward, optimizer update and fixed per-step cost: one process's work per step."""
+        return self.forward_s + self.backward_s + self.update_s + self.fixed_s
 
     @property
     def serial_s(self) -> float:
@@ -95,12 +107,14 @@ class IterationPrediction:
     def overlap_s(self) -> float:
         if self.processes == 1:
             return self.compute_s
-        return self.forward_s + max(self.backward_s + self.last_bucket_s, self.comm_s) + self.update_s
+        overlapped = self.forward_s + max(self.backward_s + self.last_bucket_s, self.comm_s)
+        return overlapped + self.update_s + self.fixed_s
 
     def efficiency(self, overlap: bool = False) -> float:
-        """T(1) / (p T(p)); the optimizer update is per process, so it does not shrink with p."""
+        """T(1) / (p T(p)); the update and the fixed cost are per step, so they do not shrink with p."""
         work = self.forward_s + self.backward_s
-        return (work + self.update_s / self.processes) / (self.overlap_s if overlap else self.serial_s)
+        per_step = self.update_s + self.fixed_s
+        return (work + per_step / self.processes) / (self.overlap_s if overlap else self.serial_s)
 
 
 def predict_iteration(
@@ -113,18 +127,29 @@ def predict_iteration(
     bucket_bytes: float | None = DEFAULT_BUCKET,
     images_per_s: float | None = None,
     backward_ratio: float = 2.0,
+    grad_bytes: int = GRAD_BYTES["fp32"],
 ) -> IterationPrediction:
-    """One iteration's time split, from FLOPs and hardware.flops, or from a measured images/s.
+    """One iteration's time split, from FLOPs and hardware.flops, or from a measured step.
 
-    ``images_per_s`` (argument, else ``hw.images_per_s[profile.name]``) is a per-process training
-    throughput that already includes the optimizer step, so no update term is added to it.
+    In order of preference: ``images_per_s`` given here, ``hw.step_time[profile.name]`` (fixed +
+    per-image seconds), ``hw.images_per_s[profile.name]``, then FLOPs. The measured forms already
+    include the optimizer step, so no update term is added to them.
     """
     if processes < 1 or int(processes) != processes:
         raise PlanError(f"process counts must be positive integers, got {processes}")
+    if global_batch < processes:
+        raise PlanError(f"global batch {global_batch} is smaller than {processes} processes: some would get no image")
+    if images_per_s is not None and not (math.isfinite(images_per_s) and images_per_s > 0):
+        raise PlanError(f"images/s must be a finite number > 0, got {images_per_s}")
     b = global_batch / processes
-    if images_per_s is None:
+    fit = hw.step_time.get(profile.name) if images_per_s is None else None
+    if images_per_s is None and fit is None:
         images_per_s = hw.images_per_s.get(profile.name)
-    if images_per_s is not None:
+    fixed = 0.0
+    if fit is not None:
+        step, fixed = b * fit.per_image_s, fit.fixed_s
+        update = 0.0
+    elif images_per_s is not None:
         step = b / images_per_s
         update = 0.0
     else:
@@ -139,8 +164,8 @@ def predict_iteration(
     if processes == 1:
         comm, last, used = 0.0, 0.0, "none"
     else:
-        comm, last, used = comm_time(hw, processes, profile.params * GRAD_BYTES, algorithm, bucket_bytes)
-    return IterationPrediction(processes, b, fwd, step - fwd, update, comm, last, used)
+        comm, last, used = comm_time(hw, processes, profile.params * grad_bytes, algorithm, bucket_bytes)
+    return IterationPrediction(processes, b, fwd, step - fwd, update, comm, last, used, fixed)
 
 
 @dataclass(frozen=True)

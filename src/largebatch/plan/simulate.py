@@ -7,6 +7,10 @@ it, and gamma times the largest number of bytes a process reduces in it -- the m
 Rabenseifner and Gropp, where a process sends at most one message and receives at most one per
 step (bidirectional links). Summing over steps gives the critical-path coefficients, and the
 final vectors are checked against the true sum, so a wrong schedule cannot pass on counts alone.
+
+The two-level scheme (``simulate_hierarchical``) numbers processes node by node (rank = node * k
++ local) and counts the steps inside nodes and between nodes apart, each level for its own
+(alpha, beta, gamma).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from largebatch.plan.costs import CostTerms
+from largebatch.plan.costs import CostTerms, LevelTerms, node_layout
 
-__all__ = ["Message", "count", "run", "schedule", "simulate"]
+__all__ = ["Message", "count", "count_levels", "hierarchical_schedule", "run", "schedule", "simulate",
+           "simulate_hierarchical"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,38 @@ def schedule(algorithm: str, p: int, n: int) -> list[Step]:
     return _SCHEDULES[algorithm](p, n)
 
 
+def hierarchical_schedule(p: int, per_node: int, n: int, inter_algorithm: str) -> list[Step]:
+    """Ring reduce-scatter in every node, ``inter_algorithm`` per share across nodes, ring all-gather.
+
+    Every node runs the same step at once; in the middle phase the m processes with the same local
+    rank (one per node) all-reduce the share that rank owns, all k shares in parallel.
+    """
+    k, m = node_layout(p, per_node)
+    if k == 1:
+        return schedule(inter_algorithm, m, n)
+    ring = _ring(k, n)
+    reduce_scatter, all_gather = ring[: k - 1], ring[k - 1 :]
+
+    def in_every_node(step: Step) -> Step:
+        return [Message(node * k + msg.src, node * k + msg.dst, msg.lo, msg.hi, msg.reduce)
+                for node in range(m) for msg in step]
+
+    chunks = _chunks(n, k)
+    owned = {local: chunks[(local + 1) % k] for local in range(k)}  # what the ring's reduce-scatter leaves
+    per_share = {local: schedule(inter_algorithm, m, owned[local][1] - owned[local][0]) for local in range(k)}
+    depth = max(len(s) for s in per_share.values())
+    across: list[Step] = []
+    for i in range(depth):
+        step: Step = []
+        for local, steps in per_share.items():
+            lo = owned[local][0]
+            if i < len(steps):
+                step += [Message(msg.src * k + local, msg.dst * k + local, lo + msg.lo, lo + msg.hi, msg.reduce)
+                         for msg in steps[i]]
+        across.append(step)
+    return [in_every_node(s) for s in reduce_scatter] + across + [in_every_node(s) for s in all_gather]
+
+
 def run(steps: list[Step], data: np.ndarray) -> np.ndarray:
     """Execute the steps on data[rank, element]; every send reads the state before its step."""
     data = data.copy()
@@ -168,13 +205,35 @@ def count(steps: list[Step], p: int, elem_bytes: int = 4) -> CostTerms:
     return CostTerms(messages, sent, reduced)
 
 
+def count_levels(steps: list[Step], p: int, per_node: int, elem_bytes: int = 4) -> LevelTerms:
+    """``count`` for each level apart; a step must stay inside nodes or go only between them."""
+    inside: list[Step] = []
+    between: list[Step] = []
+    for step in steps:
+        same = {m.src // per_node == m.dst // per_node for m in step}
+        if len(same) > 1:
+            raise AssertionError("a step mixes messages inside nodes with messages between nodes")
+        (inside if same == {True} else between).append(step)
+    return LevelTerms(count(inside, p, elem_bytes), count(between, p, elem_bytes))
+
+
+def _check_sum(steps: list[Step], p: int, n: int, seed: int, what: str) -> None:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(-1000, 1000, size=(p, n)).astype(np.int64)
+    if not (run(steps, data) == data.sum(axis=0)).all():
+        raise AssertionError(f"{what} with p={p} did not leave the full sum on every rank")
+
+
+def simulate_hierarchical(p: int, per_node: int, n: int, inter_algorithm: str = "ring", elem_bytes: int = 4,
+                          seed: int = 0) -> LevelTerms:
+    """Run the two-level scheme on random vectors, check the sum everywhere, count each level."""
+    steps = hierarchical_schedule(p, per_node, n, inter_algorithm)
+    _check_sum(steps, p, n, seed, f"hierarchical({inter_algorithm}), {per_node} per node,")
+    return count_levels(steps, p, min(p, per_node), elem_bytes)
+
+
 def simulate(algorithm: str, p: int, n: int, elem_bytes: int = 4, seed: int = 0) -> CostTerms:
     """Run the algorithm on random integer vectors, check every rank ends with the sum, count it."""
     steps = schedule(algorithm, p, n)
-    rng = np.random.default_rng(seed)
-    data = rng.integers(-1000, 1000, size=(p, n)).astype(np.int64)
-    result = run(steps, data)
-    expected = data.sum(axis=0)
-    if not (result == expected).all():
-        raise AssertionError(f"{algorithm} with p={p} did not leave the full sum on every rank")
+    _check_sum(steps, p, n, seed, algorithm)
     return count(steps, p, elem_bytes)
