@@ -16,7 +16,8 @@ import torch.distributed as dist
 from largebatch.errors import UserError
 
 __all__ = [
-    "DistEnv", "all_reduce_sum", "broadcast_object", "choose_device", "compress_gradients", "init_distributed", "shutdown",
+    "DistEnv", "all_reduce_sum", "broadcast_object", "choose_device", "compress_gradients", "init_distributed",
+    "shutdown",
 ]
 
 
