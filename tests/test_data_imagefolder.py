@@ -197,3 +197,20 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
     assert "stopped by SIGTERM; checkpoint written at step" in stderr
     saved = ckpt.step_checkpoints(run / "checkpoints")[-1]
     assert ckpt.load_checkpoint(saved)["step"] == int(saved.stem.split("_")[1]) >= 3
+
+
+def test_workers_ignore_sigterm_from_others_but_obey_their_main_process(tmp_path):
+    src = open_folder(write_tree(tmp_path), workers=2)
+    ref, _ = collect(src.train_batches(0, 12, 6, 0, 1))
+    loader = src._loaders["train"][0]
+    workers = list(loader._iterator._workers)
+    for w in workers:  # as a scheduler would: sent by another process
+        subprocess.run(["kill", "-TERM", str(w.pid)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    again, _ = collect(src.train_batches(0, 12, 6, 0, 1))
+    assert torch.equal(again, ref)
+    for w in workers:  # as the DataLoader's shutdown and multiprocessing's exit handler do
+        w.terminate()
+        w.join(timeout=10)
+    assert [w.exitcode for w in workers] == [0, 0]

@@ -10,8 +10,9 @@ Two ways to turn files into crops, chosen by ``decode``:
   files) still go through the Pillow path in the workers, so they are read or refused as before.
 
 Either way the float conversion and normalisation happen on the training device, and workers
-ignore SIGTERM: a scheduler signals the whole process group, and the main process, which
-checkpoints at the step boundary, must stay in charge (workers still exit with it).
+ignore SIGTERM from anyone but the main process: a scheduler signals the whole process group,
+and the main process, which checkpoints at the step boundary, must stay in charge (workers
+still exit with it).
 
 Training: a random-resized crop (scale ``crop_scale``, default 0.08-1, aspect 3/4-4/3, the
 Inception recipe) and a random horizontal flip. Its randomness comes from one seed per example
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -77,10 +79,23 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM sent to the process group (timeout, Slurm, Kubernetes):
-    the main process handles it at the step boundary; workers exit when it does."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _ignore_sigterm_from_others(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM unless their main process sends it.
+
+    timeout, Slurm and Kubernetes signal every process of the job; the main process handles
+    that at its step boundary and needs its workers until then. Its own ``terminate()`` of a
+    worker (the DataLoader's shutdown, multiprocessing's exit handler) must still work, so the
+    signal is blocked and a thread reads each one with its sender: from the parent it ends the
+    worker, from anyone else it is dropped. Workers also exit when the main process dies."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # as torch's own worker handler: a non-zero status would be reported as a crash
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
 
 
 class _Images(Dataset):
@@ -213,7 +228,7 @@ class ImageFolderSource(DataSource):
             extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers > 0 else {}
             loader = DataLoader(
                 data, batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin,
-                worker_init_fn=_ignore_sigterm, **extra,
+                worker_init_fn=_ignore_sigterm_from_others, **extra,
             )
             self._loaders[name] = (loader, sampler, data)
 
