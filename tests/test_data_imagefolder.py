@@ -173,7 +173,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
     run = tmp_path / "run"
     pairs = {
         "model.name": "mlp", "model.options": {"hidden": 16, "depth": 1}, "data.name": "imagefolder",
-        "data.root": root, "data.options": {"workers": 2, "image_size": 8, "resize": 8},
+        "data.root": root, "data.options": {"workers": 2},
         "batch_size": 8, "epochs": 1000, "precision": "fp32", "progress": False, "threads": 1,
         "checkpoint_every": 100_000, "log_every": 1, "out": str(run),
     }
@@ -196,7 +196,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
     assert proc.returncode == 143, stderr[-2000:]
     assert "stopped by SIGTERM; checkpoint written at step" in stderr
     saved = ckpt.step_checkpoints(run / "checkpoints")[-1]
-    assert ckpt.load_checkpoint(saved)["step"] == int(saved.stem.split("_")[1]) >= 3
+    state = ckpt.load_checkpoint(saved)
+    assert state["step"] == int(saved.stem.split("_")[1]) >= 3
+    # the crop size came from the model (mlp: 28), not ImageNet's 224
+    assert state["model"]["1.weight"].shape == (16, 3 * 28 * 28)
 
 
 def test_workers_ignore_sigterm_from_others_but_obey_their_main_process(tmp_path):
