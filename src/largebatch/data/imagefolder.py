@@ -259,19 +259,19 @@ class ImageFolderSource(DataSource):
             payloads[i], _, label, _, _, more = images.first_readable(indices[i] + 1, seeds[i], False, tries)
             bad.extend(more)
             y[i] = label if tries else -1
-        x = torch.empty(len(payloads), 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.device)
         if ok_images:
             if images.train:
                 crops = [train_crop(img.shape[2], img.shape[1], seeds[i], self.crop_scale)
                          for i, img in zip(ok_slots, ok_images, strict=True)]
-                x[ok_slots] = crop_batch(ok_images, self.image_size, crops=crops)
+                cropped = crop_batch(ok_images, self.image_size, crops=crops)
             else:
-                x[ok_slots] = crop_batch(ok_images, self.image_size, resize=self.resize)
-        done = set(ok_slots)
-        rest = [i for i in range(len(payloads)) if i not in done]
-        if rest:
-            x[rest] = torch.stack([payloads[i] for i in rest]).to(self.device, non_blocking=True)
-        return x
+                cropped = crop_batch(ok_images, self.image_size, resize=self.resize)
+            if len(ok_slots) == len(payloads):  # the usual case: no copy, no index upload
+                return cropped
+            for i, crop in zip(ok_slots, cropped.unbind(0), strict=True):
+                payloads[i] = crop
+        # Pillow crops (other formats, fallbacks) join in their slots; no index tensor, no sync
+        return torch.stack([p.to(self.device, non_blocking=True) for p in payloads])
 
     def _run(self, name: str, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """Feed ``batches`` through a loader; yield (uint8 x on the device, y, keep-mask or None)."""
