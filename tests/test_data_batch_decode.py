@@ -84,9 +84,9 @@ def test_decode_choice_and_errors(tmp_path):
     assert open_folder(root, decode="device").decode == "device"
     with pytest.raises(DataError, match=re.escape("decode must be one of auto, cpu, device, gpu, got 'nvjpeg'")):
         open_folder(root, decode="nvjpeg")
-    if not device_decode_available("cpu"):
-        with pytest.raises(DataError, match=r"decode='gpu' needs a CUDA device .* this run's device is cpu"):
-            open_folder(root, decode="gpu")
+    assert not device_decode_available("cpu")
+    with pytest.raises(DataError, match=r"decode='gpu' needs a CUDA device .* this run's device is cpu"):
+        open_folder(root, decode="gpu")
 
 
 def test_batch_decode_is_deterministic_across_splits_workers_and_resume(tmp_path):
