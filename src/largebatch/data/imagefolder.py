@@ -86,7 +86,10 @@ def _ignore_sigterm_from_others(worker_id: int) -> None:
     that at its step boundary and needs its workers until then. Its own ``terminate()`` of a
     worker (the DataLoader's shutdown, multiprocessing's exit handler) must still work, so the
     signal is blocked and a thread reads each one with its sender: from the parent it ends the
-    worker, from anyone else it is dropped. Workers also exit when the main process dies."""
+    worker, from anyone else it is dropped. Workers also exit when the main process dies.
+    Where sigwaitinfo is missing (macOS), torch's own worker signal handling stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
