@@ -216,7 +216,7 @@ def test_corrupt_files_fail_naming_their_path(tmp_path):
 def test_corrupt_files_skipped_like_the_pillow_path(tmp_path):
     root = write_textured_tree(tmp_path)
     garbage, truncated, junk = _corrupt(root)
-    dev = open_folder(root, on_bad_image="skip", workers=2)
+    dev = open_folder(root, on_bad_image="skip")
     pil = open_folder(root, on_bad_image="skip", decode="cpu")
     x_dev, y_dev = collect(dev.train_batches(0, 12, 4, 0, 1))
     x_pil, y_pil = collect(pil.train_batches(0, 12, 4, 0, 1))
