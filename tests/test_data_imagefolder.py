@@ -1,15 +1,21 @@
-"""imagefolder on a JPEG tree written with Pillow: transforms, order, workers, corrupt files."""
+"""imagefolder on a JPEG tree written with Pillow: transforms, order, workers, corrupt files, stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from PIL import Image
 
+from largebatch import checkpoint as ckpt
 from largebatch.data import DataError, build_dataset
 from largebatch.data.imagefolder import random_resized_crop_box
 from largebatch.data.order import epoch_permutation
@@ -157,3 +163,57 @@ def test_layout_errors(tmp_path):
         open_folder(str(tmp_path))
     with pytest.raises(DataError, match="on_bad_image must be 'fail' or 'skip'"):
         open_folder(str(tmp_path), on_bad_image="ignore")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
+    """timeout, Slurm and Kubernetes signal every process of the group, loader workers included;
+    the workers must outlive the signal so that the main process reaches its step boundary."""
+    root = write_tree(tmp_path / "images", n_train=16, n_val=2)
+    run = tmp_path / "run"
+    pairs = {
+        "model.name": "mlp", "model.options": {"hidden": 16, "depth": 1}, "data.name": "imagefolder",
+        "data.root": root, "data.options": {"workers": 2},
+        "batch_size": 8, "epochs": 1000, "precision": "fp32", "progress": False, "threads": 1,
+        "checkpoint_every": 100_000, "log_every": 1, "out": str(run),
+    }
+    cmd = [sys.executable, "-m", "largebatch.cli", "train"]
+    for key, value in pairs.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM; checkpoint written at step" in stderr
+    saved = ckpt.step_checkpoints(run / "checkpoints")[-1]
+    state = ckpt.load_checkpoint(saved)
+    assert state["step"] == int(saved.stem.split("_")[1]) >= 3
+    # the crop size came from the model (mlp: 28), not ImageNet's 224
+    assert state["model"]["1.weight"].shape == (16, 3 * 28 * 28)
+
+
+def test_workers_ignore_sigterm_from_others_but_obey_their_main_process(tmp_path):
+    src = open_folder(write_tree(tmp_path), workers=2)
+    ref, _ = collect(src.train_batches(0, 12, 6, 0, 1))
+    loader = src._loaders["train"][0]
+    workers = list(loader._iterator._workers)
+    for w in workers:  # as a scheduler would: sent by another process
+        subprocess.run(["kill", "-TERM", str(w.pid)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    again, _ = collect(src.train_batches(0, 12, 6, 0, 1))
+    assert torch.equal(again, ref)
+    for w in workers:  # as the DataLoader's shutdown and multiprocessing's exit handler do
+        w.terminate()
+        w.join(timeout=10)
+    assert [w.exitcode for w in workers] == [0, 0]

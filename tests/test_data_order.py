@@ -154,7 +154,7 @@ def test_crop_flip_matches_per_image_reference():
 
 def test_synthetic_shapes_and_defaults():
     src = build_dataset("synthetic", root=None, device="cpu", seed=0, shape=(3, 32, 32), num_classes=7, pool_size=16)
-    assert (src.num_train, src.num_eval, src.num_classes, src.input_shape) == (1_281_167, 50_000, 7, (3, 32, 32))
+    assert (src.num_train, src.num_eval, src.num_classes, src.input_shape) == (65_536, 10_000, 7, (3, 32, 32))
     step = next(iter(src.train_batches(0, 64, 16, 1, 2)))
     assert len(step) == 2
     x, y = step[0]

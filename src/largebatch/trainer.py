@@ -118,7 +118,7 @@ class Trainer:
 
         self.data: DataSource = build_dataset(
             config.data.name, root=config.data.root, device=self.env.device, seed=config.seed,
-            augment=config.data.augment, **config.data.options,
+            augment=config.data.augment, model=config.model.name, **config.data.options,
         )
         self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
         if self.steps_per_epoch == 0:

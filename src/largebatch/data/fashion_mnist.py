@@ -21,7 +21,7 @@ from largebatch.data.augment import CropFlip
 from largebatch.data.base import DataError
 from largebatch.data.memory import InMemorySource, Normalize
 
-__all__ = ["DEFAULT_ROOT", "FILES", "fashion_mnist", "read_idx"]
+__all__ = ["DEFAULT_ROOT", "FILES", "IMAGE_MAGIC", "LABEL_MAGIC", "NUM_CLASSES", "fashion_mnist", "read_idx"]
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {

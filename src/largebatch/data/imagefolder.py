@@ -1,26 +1,37 @@
 """ImageNet-layout folders (root/train/<class>/*.jpg, root/val/<class>/*.jpg) through torchvision.
 
-Decoding and per-image transforms run in DataLoader worker processes (persistent across epochs,
-pinned memory when training on CUDA); workers hand back uint8 crops, and the normalisation to
-float happens on the training device, which moves a quarter of the bytes.
+Two ways to turn files into crops, chosen by ``decode``:
 
-Training: a random-resized crop (scale 0.08-1, aspect 3/4-4/3, the Inception recipe) and a
-random horizontal flip. Its randomness comes from one seed per example drawn from the step's
-generator for the whole global batch, so it does not depend on rank, world size, worker count
-or micro-batch split. Evaluation: resize of the short side to ``resize`` and a centre crop.
+- ``"cpu"``: DataLoader worker processes decode with Pillow and crop, flip and resize each
+  image; they hand back uint8 crops.
+- ``"device"`` (``"gpu"`` where the device is CUDA): workers only read file bytes; JPEGs are
+  decoded in batches on the training device (nvJPEG on a GPU) and cropped, resized and
+  flipped there (:mod:`.batch_decode`). Files that are not complete JPEGs (PNG, truncated
+  files) still go through the Pillow path in the workers, so they are read or refused as before.
 
-An image that cannot be read never kills a worker: the worker reports its path back with the
-batch, and the main process either raises :class:`DataError` naming it (``on_bad_image="fail"``)
-or (``"skip"``) counts it; in training the sample is replaced by the next readable file in the
-listing (deterministic), in evaluation it is left out.
+Either way the float conversion and normalisation happen on the training device, and workers
+ignore SIGTERM from anyone but the main process: a scheduler signals the whole process group,
+and the main process, which checkpoints at the step boundary, must stay in charge (workers
+still exit with it).
+
+Training: a random-resized crop (scale ``crop_scale``, default 0.08-1, aspect 3/4-4/3, the
+Inception recipe) and a random horizontal flip. Its randomness comes from one seed per example
+drawn from the step's generator for the whole global batch, so it does not depend on rank, world
+size, worker count, micro-batch split or decode path. Evaluation: resize of the short side to
+``resize`` and a centre crop.
+
+An image that cannot be read never kills a worker: the path comes back with the batch, and the
+main process either raises :class:`DataError` naming it (``on_bad_image="fail"``) or (``"skip"``)
+counts it; in training the sample is replaced by the next readable file in the listing
+(deterministic), in evaluation it is left out.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -32,89 +43,134 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 
 from largebatch.data.base import Batch, DataError, DataSource
+from largebatch.data.batch_decode import (
+    crop_batch,
+    decode_jpegs,
+    device_decode_available,
+    is_complete_jpeg,
+    random_resized_crop_box,
+    train_crop,
+)
 from largebatch.data.memory import Normalize
 from largebatch.data.order import epoch_permutation, eval_shard, plan_steps, step_generator
 from largebatch.data.synthetic import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ImageFolderSource", "imagefolder", "random_resized_crop_box"]
+__all__ = [
+    "DECODE_CHOICES",
+    "DEFAULT_CROP_SCALE",
+    "MAX_REPLACEMENTS",
+    "ImageFolderSource",
+    "imagefolder",
+    "random_resized_crop_box",
+    "resolve_decode",
+]
 
 log = logging.getLogger("largebatch.data")
 MAX_REPLACEMENTS = 32  # consecutive unreadable files tolerated when replacing one in "skip" mode
+DECODE_CHOICES = ("auto", "cpu", "device", "gpu")
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+
+# one loaded item: (uint8 crop, or 1-D JPEG bytes when encoded; encoded; label or -1; seed or None;
+# index in the listing actually used; [(path, error)] of unreadable files met on the way)
+_Item = tuple[Tensor, bool, int, "int | None", int, list[tuple[str, str]]]
 
 
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: random.Random,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a crop covering a uniform fraction in ``scale`` of the area with a
-    log-uniform aspect ratio in ``ratio``; 10 tries, then the largest centred crop whose aspect
-    lies in ``ratio``. Draws only from ``rng``, so a seed fixes the crop."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _ignore_sigterm_from_others(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM unless their main process sends it.
+
+    timeout, Slurm and Kubernetes signal every process of the job; the main process handles
+    that at its step boundary and needs its workers until then. Its own ``terminate()`` of a
+    worker (the DataLoader's shutdown, multiprocessing's exit handler) must still work, so the
+    signal is blocked and a thread reads each one with its sender: from the parent it ends the
+    worker, from anyone else it is dropped. Workers also exit when the main process dies.
+    Where sigwaitinfo is missing (macOS), torch's own worker signal handling stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # as torch's own worker handler: a non-zero status would be reported as a crash
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
 
 
 class _Images(Dataset):
-    """Decodes and transforms one image per item; never raises for an unreadable file.
+    """Reads one image per item; never raises for an unreadable file.
 
     Items are ``(index, seed)`` for training (seed drives the crop and flip) and ``index`` for
-    evaluation. Returns (uint8 CHW tensor, label, list of (path, error) for unreadable files)."""
+    evaluation. With ``encoded``, complete JPEGs come back as their bytes, for decoding on the
+    device; everything else as a finished uint8 crop from Pillow."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int, resize: int, train: bool, skip: bool) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        size: int,
+        resize: int,
+        train: bool,
+        skip: bool,
+        scale: tuple[float, float],
+        encoded: bool,
+    ) -> None:
         self.samples = list(samples)
         self.size, self.resize, self.train, self.skip = size, resize, train, skip
+        self.scale, self.encoded = scale, encoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, path: str, seed: int | None) -> Tensor:
+    def pixels(self, path: str, seed: int | None) -> Tensor:
+        """The Pillow path: decode, then crop + flip (training) or resize + centre crop."""
         with Image.open(path) as img:
             img = img.convert("RGB")
         if seed is None:
             img = TF.center_crop(TF.resize(img, self.resize, InterpolationMode.BILINEAR), self.size)
         else:
-            rng = random.Random(seed)
-            top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
+            (top, left, h, w), flip = train_crop(img.width, img.height, seed, self.scale)
             img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR)
-            if rng.random() < 0.5:
+            if flip:
                 img = TF.hflip(img)
         return TF.pil_to_tensor(img)
 
-    def __getitem__(self, item: tuple[int, int] | int) -> tuple[Tensor, int, list[tuple[str, str]]]:
-        index, seed = item if isinstance(item, tuple) else (item, None)
+    def _read(self, path: str, seed: int | None, encoded: bool) -> tuple[Tensor, bool]:
+        if encoded:
+            with open(path, "rb") as f:
+                data = f.read()
+            if is_complete_jpeg(data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), True
+        return self.pixels(path, seed), False
+
+    def first_readable(self, index: int, seed: int | None, encoded: bool, tries: int) -> _Item:
+        """The item at ``index``, or (skip mode) the next readable one within ``tries`` files."""
         bad: list[tuple[str, str]] = []
-        tries = MAX_REPLACEMENTS if (self.train and self.skip) else 1
         for k in range(tries):
-            path, label = self.samples[(index + k) % len(self.samples)]
+            j = (index + k) % len(self.samples)
+            path, label = self.samples[j]
             try:
-                return self._load(path, seed), label, bad
+                payload, is_jpeg = self._read(path, seed, encoded)
+                return payload, is_jpeg, label, seed, j, bad
             except Exception as err:  # any decoder failure is reported, never fatal to the worker
-                bad.append((path, f"{type(err).__name__}: {err}".splitlines()[0]))
-        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, bad
+                bad.append((path, _describe(err)))
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, -1, seed, index, bad
+
+    def __getitem__(self, item: tuple[int, int] | int) -> _Item:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        tries = MAX_REPLACEMENTS if (self.train and self.skip) else 1
+        return self.first_readable(index, seed, self.encoded, tries)
 
 
-def _collate(items: list[tuple[Tensor, int, list]]) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
-    x = torch.stack([it[0] for it in items])
-    y = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    bad = [b for it in items for b in it[2]]
-    return x, y, bad
+def _collate(items: list[_Item]) -> tuple[list[Tensor], list[bool], Tensor, list, list[int], list[tuple[str, str]]]:
+    payloads = [it[0] for it in items]
+    encoded = [it[1] for it in items]
+    y = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    bad = [b for it in items for b in it[5]]
+    return payloads, encoded, y, [it[3] for it in items], [it[4] for it in items], bad
 
 
 class _ListSampler(Sampler):
@@ -134,8 +190,8 @@ class _ListSampler(Sampler):
 class ImageFolderSource(DataSource):
     """train/ and val/ folders, one sub-folder per class (ImageNet's layout).
 
-    ``skipped`` counts replaced or left-out samples so far; ``bad_images`` maps each unreadable
-    path to its error."""
+    ``decode`` is the path in use ("cpu" or "device"); ``skipped`` counts replaced or
+    left-out samples so far; ``bad_images`` maps each unreadable path to its error."""
 
     def __init__(
         self,
@@ -148,14 +204,17 @@ class ImageFolderSource(DataSource):
         workers: int,
         on_bad_image: str,
         prefetch_factor: int,
+        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+        decode: str = "cpu",
     ) -> None:
         self.root = root
         self.device = torch.device(device)
         self.seed = int(seed)
         self.augment = augment
         self.skip = on_bad_image == "skip"
+        self.image_size, self.resize, self.crop_scale, self.decode = image_size, resize, crop_scale, decode
         classes, self.class_to_idx = _classes(os.path.join(root, "train"))
-        self.train_samples = _listing(os.path.join(root, "train"), self.class_to_idx)
+        self.train_samples = _listing(os.path.join(root, "train"), self.class_to_idx, every_class=True)
         self.eval_samples = _listing(os.path.join(root, "val"), self.class_to_idx)
         self.classes = classes
         self.num_train, self.num_eval, self.num_classes = len(self.train_samples), len(self.eval_samples), len(classes)
@@ -164,34 +223,78 @@ class ImageFolderSource(DataSource):
         self.skipped = 0
         self.bad_images: dict[str, str] = {}
         pin = self.device.type == "cuda"
-        self._loaders: dict[str, tuple[DataLoader, _ListSampler]] = {}
+        self._loaders: dict[str, tuple[DataLoader, _ListSampler, _Images]] = {}
 
         def make(name: str, samples: list, train: bool) -> None:
             sampler = _ListSampler()
-            data = _Images(samples, image_size, resize, train=train, skip=self.skip)
+            data = _Images(samples, image_size, resize, train, self.skip, crop_scale, encoded=decode == "device")
             extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if workers > 0 else {}
             loader = DataLoader(
-                data, batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin, **extra
+                data, batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin,
+                worker_init_fn=_ignore_sigterm_from_others, **extra,
             )
-            self._loaders[name] = (loader, sampler)
+            self._loaders[name] = (loader, sampler, data)
 
         make("train", self.train_samples, augment)
         make("eval", self.eval_samples, False)
 
+    def _decode_on_device(self, images: _Images, raw: tuple) -> Tensor:
+        """The micro-batch's uint8 crops on the device: JPEG bytes decoded and cropped there,
+        Pillow crops copied over. A JPEG the device cannot decode gets a second chance with
+        Pillow; if that fails too it joins ``bad`` (and, in training with "skip", is replaced
+        by the next readable file, as a worker would have done)."""
+        payloads, encoded, y, seeds, indices, bad = raw
+        jpeg_slots = [i for i, e in enumerate(encoded) if e]
+        decoded = decode_jpegs([payloads[i] for i in jpeg_slots], self.device)
+        ok_slots, ok_images = [], []
+        for i, img in zip(jpeg_slots, decoded, strict=True):
+            if isinstance(img, Tensor):
+                ok_slots.append(i)
+                ok_images.append(img)
+                continue
+            path = images.samples[indices[i]][0]
+            try:  # not every valid JPEG suits every decoder (nvJPEG and CMYK, for one)
+                payloads[i] = images.pixels(path, seeds[i])
+                continue
+            except Exception as err:
+                bad.append((path, _describe(err)))
+            tries = MAX_REPLACEMENTS if (images.train and self.skip) else 0
+            payloads[i], _, label, _, _, more = images.first_readable(indices[i] + 1, seeds[i], False, tries)
+            bad.extend(more)
+            y[i] = label if tries else -1
+        if ok_images:
+            if images.train:
+                crops = [train_crop(img.shape[2], img.shape[1], seeds[i], self.crop_scale)
+                         for i, img in zip(ok_slots, ok_images, strict=True)]
+                cropped = crop_batch(ok_images, self.image_size, crops=crops)
+            else:
+                cropped = crop_batch(ok_images, self.image_size, resize=self.resize)
+            if len(ok_slots) == len(payloads):  # the usual case: no copy, no index upload
+                return cropped
+            for i, crop in zip(ok_slots, cropped.unbind(0), strict=True):
+                payloads[i] = crop
+        # Pillow crops (other formats, fallbacks) join in their slots; no index tensor, no sync
+        return torch.stack([p.to(self.device, non_blocking=True) for p in payloads])
+
     def _run(self, name: str, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """Feed ``batches`` through a loader; yield (x on device normalised, y, keep-mask or None)."""
-        loader, sampler = self._loaders[name]
+        """Feed ``batches`` through a loader; yield (uint8 x on the device, y, keep-mask or None)."""
+        loader, sampler, images = self._loaders[name]
         sampler.batches = batches
         it = iter(loader)
         while True:
             try:
-                x, y, bad = next(it)
+                raw = next(it)
             except StopIteration:
                 return
             except RuntimeError as err:  # a worker killed from outside (memory, signal)
                 if "DataLoader worker" not in str(err):
                     raise
                 raise DataError(f"image loader under {self.root} failed: {str(err).splitlines()[0]}") from None
+            payloads, encoded, y, _, _, bad = raw
+            if any(encoded):
+                x = self._decode_on_device(images, raw)
+            else:
+                x = torch.stack(payloads).to(self.device, non_blocking=True)
             keep = None
             if bad:
                 if not self.skip:
@@ -205,13 +308,8 @@ class ImageFolderSource(DataSource):
                 if bool((y < 0).any()):
                     if name == "train":
                         raise DataError(f"more than {MAX_REPLACEMENTS} unreadable images in a row from {bad[0][0]}")
-                    keep = y >= 0
-            yield x, y, keep
-
-    def _to_device(self, x: Tensor, y: Tensor) -> Batch:
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        return self.normalize(x), y
+                    keep = (y >= 0).to(self.device)
+            yield x, y.to(self.device, non_blocking=True), keep
 
     def train_batches(
         self, epoch: int, global_batch: int, micro_batch: int, rank: int, world: int, start_step: int = 0
@@ -232,7 +330,7 @@ class ImageFolderSource(DataSource):
                     batches.append(list(zip(idx, seeds[a:b].tolist(), strict=True)))
         micro: list[Batch] = []
         for x, y, _ in self._run("train", batches):
-            micro.append(self._to_device(x, y))
+            micro.append((self.normalize(x), y))
             if len(micro) == plan.accumulation:
                 yield micro
                 micro = []
@@ -247,7 +345,7 @@ class ImageFolderSource(DataSource):
                 x, y = x[keep], y[keep]
                 if not len(y):
                     continue
-            yield self._to_device(x, y)
+            yield self.normalize(x), y
 
 
 def _classes(train_dir: str) -> tuple[list[str], dict[str, int]]:
@@ -259,7 +357,9 @@ def _classes(train_dir: str) -> tuple[list[str], dict[str, int]]:
         raise DataError(f"imagefolder: no class folders in {train_dir}") from None
 
 
-def _listing(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+def _listing(split_dir: str, class_to_idx: dict[str, int], every_class: bool = False) -> list[tuple[str, int]]:
+    """(path, class) of every image under split_dir; with ``every_class`` (train/), a class
+    folder without images is refused, as it would be a class the model can never learn."""
     if not os.path.isdir(split_dir):
         raise DataError(f"imagefolder: no directory {split_dir}")
     found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
@@ -270,7 +370,40 @@ def _listing(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
     samples = make_dataset(split_dir, present, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DataError(f"imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
+    if every_class:
+        counted = {label for _, label in samples}
+        empty = [c for c, i in present.items() if i not in counted]
+        if empty:
+            raise DataError(
+                f"imagefolder: class folder {os.path.join(split_dir, empty[0])} holds no images "
+                f"({', '.join(IMG_EXTENSIONS)}); remove it or add images"
+            )
     return samples
+
+
+def _crop_scale(value: object) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not 0 < lo <= hi <= 1:
+        raise DataError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {value!r}")
+    return lo, hi
+
+
+def resolve_decode(decode: object, device: torch.device) -> str:
+    """"cpu" or "device" for the ``decode`` option: "auto" is "device" on a CUDA device whose
+    torchvision decodes JPEGs there, else "cpu"; "gpu" insists on that."""
+    if decode not in DECODE_CHOICES:
+        raise DataError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode == "gpu" and not device_decode_available(device):
+        raise DataError(
+            f"decode='gpu' needs a CUDA device with torchvision's GPU JPEG decoder; this run's device is "
+            f"{device} (use decode='auto', 'cpu' or 'device')"
+        )
+    if decode == "auto":
+        return "device" if device_decode_available(device) else "cpu"
+    return "device" if decode == "gpu" else str(decode)
 
 
 def imagefolder(
@@ -278,16 +411,21 @@ def imagefolder(
     device: torch.device,
     seed: int,
     augment: bool = True,
-    image_size: int = 224,
+    image_size: int | None = None,
     resize: int | None = None,
     workers: int | None = None,
     on_bad_image: str = "fail",
     prefetch_factor: int = 2,
+    crop_scale: tuple[float, float] | list[float] = DEFAULT_CROP_SCALE,
+    decode: str = "auto",
 ) -> ImageFolderSource:
-    """ImageNet-layout folders under ``root``. ``image_size``: the square crop (224; 227 for
-    alexnet_bn); ``resize``: evaluation's short side before the centre crop (default
-    image_size x 256/224); ``workers``: loader processes (default: the CPU count, at most 8);
-    ``on_bad_image``: "fail" or "skip"."""
+    """ImageNet-layout folders under ``root``. ``image_size``: the square crop (default: the
+    model's input size when the dataset is built for a model, else 224); ``resize``:
+    evaluation's short side before the centre crop (default image_size x 256/224); ``workers``:
+    loader processes (default: the CPU count, at most 8); ``on_bad_image``: "fail" or "skip";
+    ``crop_scale``: the training crop's share of the image area, [low, high] (0.08-1);
+    ``decode``: "auto", "cpu" (Pillow in workers), "device" (batches decoded on the run's
+    device) or "gpu" (the same, refused unless the device is a GPU that can)."""
     if root is None:
         raise DataError("imagefolder needs a root directory holding train/ and val/")
     root = os.fspath(root)
@@ -295,6 +433,7 @@ def imagefolder(
         raise DataError(f"imagefolder: directory not found: {root}")
     if on_bad_image not in ("fail", "skip"):
         raise DataError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    image_size = 224 if image_size is None else image_size
     if not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     resize = round(image_size * 256 / 224) if resize is None else resize
@@ -304,4 +443,8 @@ def imagefolder(
         workers = min(8, os.cpu_count() or 1)
     if not isinstance(workers, int) or workers < 0:
         raise DataError(f"workers must be a non-negative integer, got {workers!r}")
-    return ImageFolderSource(root, device, seed, augment, image_size, resize, workers, on_bad_image, prefetch_factor)
+    scale = _crop_scale(crop_scale)
+    mode = resolve_decode(decode, torch.device(device))
+    return ImageFolderSource(
+        root, device, seed, augment, image_size, resize, workers, on_bad_image, prefetch_factor, scale, mode
+    )

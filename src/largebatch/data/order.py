@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AUGMENT",
+    "PERMUTATION",
     "StepPlan",
     "epoch_permutation",
     "eval_shard",

@@ -1,4 +1,4 @@
-"""Synthetic data of any shape (ImageNet's by default), for throughput measurements.
+"""Synthetic data of any shape (a model's input shape when built for one), for throughput measurements.
 
 A pool of random uint8 images and labels lives on the device; example i of the (virtual)
 training set is pool item i mod pool_size. Batches follow the same order, sharding,
@@ -16,10 +16,23 @@ from largebatch.data.base import DataError
 from largebatch.data.memory import InMemorySource, Normalize
 from largebatch.data.order import mix_seed
 
-__all__ = ["SyntheticSource", "synthetic"]
+__all__ = [
+    "DEFAULT_EVAL",
+    "DEFAULT_TRAIN",
+    "IMAGENET_EVAL",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGENET_TRAIN",
+    "SyntheticSource",
+    "synthetic",
+]
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_EVAL = 50_000
+# a modest default: 8 steps of 8192 per epoch, so a first run ends in minutes, not hours;
+# num_train=IMAGENET_TRAIN gives ImageNet-length epochs
+DEFAULT_TRAIN = 65_536
+DEFAULT_EVAL = 10_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,14 +60,15 @@ def synthetic(
     augment: bool = False,
     shape: tuple[int, int, int] | list[int] = (3, 224, 224),
     num_classes: int = 1000,
-    num_train: int = IMAGENET_TRAIN,
-    num_eval: int = IMAGENET_EVAL,
+    num_train: int = DEFAULT_TRAIN,
+    num_eval: int = DEFAULT_EVAL,
     pool_size: int = 256,
     pad: int = 4,
     flip: bool = True,
 ) -> SyntheticSource:
-    """Random images of ``shape`` (C, H, W); ``root`` is ignored. ImageNet-sized by default
-    (1,281,167 train / 50,000 eval examples, 1000 classes), from a pool of ``pool_size``."""
+    """Random images of ``shape`` (C, H, W; the model's input shape when built for a model, else
+    3x224x224); ``root`` is ignored. 65,536 train / 10,000 eval examples and 1000 classes by
+    default, repeating a pool of ``pool_size``."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise DataError(f"synthetic shape must be (C, H, W) of positive sizes, got {shape!r}")
