@@ -1,0 +1,212 @@
+"""The Triton multi-tensor path of LARS and LAMB: tensor tables, their cache, and the launches.
+
+Two launches per parameter group and dtype, whatever the number of tensors: one for the
+per-chunk sums of squares, one for the update (LAMB: moments + sums, then the update). The
+table of addresses is built once per set of tensors and reused while every address stays the
+same (parameters and state buffers do not move; a gradient that was reallocated at another
+address rebuilds the table). Nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SUPPORTED_DTYPES", "TritonUnavailable", "check_usable", "dense", "lamb_step", "lars_step", "split_flat",
+    "table", "take", "triton_installed",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHUNK = 16384  # elements per program: large tensors spread over many programs
+BLOCK = 1024  # elements per vector operation inside a program
+PBLOCK = 64  # chunk sums added per vector operation in the second reduction
+
+
+class TritonUnavailable(RuntimeError):
+    """The Triton path was asked for where it cannot run."""
+
+
+@functools.cache
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_usable(device: torch.device, owner: str) -> None:
+    """Refuse, in one line, a Triton path that cannot run here (never replace it silently)."""
+    if not triton_installed():
+        raise TritonUnavailable(
+            f"{owner}(implementation='triton') needs the triton package, which is not installed; "
+            "use implementation='foreach'"
+        )
+    from largebatch.optim._triton_kernels import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        raise TritonUnavailable(
+            f"{owner}(implementation='triton') needs CUDA tensors (these are on {device}); "
+            "set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors, or use "
+            "implementation='foreach'"
+        )
+
+
+def dense(t: Tensor) -> bool:
+    """True when t covers exactly numel() consecutive elements (contiguous or a permutation)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order).is_contiguous()
+
+
+def split_flat(columns: list[list[Tensor]]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors the kernels can address as flat memory, and of the others.
+
+    ``columns`` are parallel lists of same-shaped tensors (parameter, gradient, buffers). A
+    kernel walks their memory in order, so they must be dense and laid out alike (channels_last
+    is fine when all of them are). The rare others take the single-tensor path.
+    """
+    flat, odd = [], []
+    for i, p in enumerate(columns[0]):
+        alike = all(col[i].shape == p.shape and col[i].stride() == p.stride() for col in columns)
+        (flat if alike and dense(p) else odd).append(i)
+    return flat, odd
+
+
+def take(items: list[Tensor], indices: list[int]) -> list[Tensor]:
+    """items[i] for i in indices (the list itself when that is all of it)."""
+    return items if len(indices) == len(items) else [items[i] for i in indices]
+
+
+@dataclass
+class _Table:
+    addresses: tuple[int, ...]
+    rows: Tensor  # int64 [tensors, columns + 3] on the device
+    chunks: Tensor  # int64 [chunks, 2]: (tensor index, first element)
+    partial_a: Tensor  # float32 [chunks]
+    partial_b: Tensor
+    n_chunks: int
+
+
+def _build(columns: list[list[Tensor]], addresses: tuple[int, ...]) -> _Table:
+    device = columns[0][0].device
+    rows, chunks = [], []
+    for i, p in enumerate(columns[0]):
+        n = p.numel()
+        count = -(-n // CHUNK)
+        rows.append([col[i].data_ptr() for col in columns] + [n, len(chunks), count])
+        chunks.extend([i, start] for start in range(0, n, CHUNK))
+    host_rows = torch.tensor(rows, dtype=torch.int64)
+    host_chunks = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+    if device.type == "cuda":  # pinned, so the copy is asynchronous
+        host_rows, host_chunks = host_rows.pin_memory(), host_chunks.pin_memory()
+    n_chunks = len(chunks)
+    return _Table(
+        addresses=addresses,
+        rows=host_rows.to(device, non_blocking=True),
+        chunks=host_chunks.to(device, non_blocking=True),
+        partial_a=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
+        partial_b=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
+        n_chunks=n_chunks,
+    )
+
+
+def table(cache: dict, key: Any, columns: list[list[Tensor]]) -> _Table:
+    """The packed table for these tensors, from ``cache`` while no address has changed."""
+    addresses = tuple(t.data_ptr() for col in columns for t in col)
+    entry = cache.get(key)
+    if entry is None or entry.addresses != addresses:
+        entry = _build(columns, addresses)
+        cache[key] = entry
+    return entry
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _lr_args(lr: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, bool]:
+    """(pointer, value, is_tensor): a device tensor is read by the kernel, anything else is a value."""
+    if isinstance(lr, Tensor):
+        if lr.device == device:
+            return lr, 0.0, True
+        return dummy, float(lr), False  # a CPU scalar read on the host: no device sync
+    return dummy, float(lr), False
+
+
+def lars_step(
+    cache: dict, key: Any, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, *,
+    lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+    nesterov: bool, clip: bool, adapt: bool, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One LARS update of tensors of one device and dtype, in two launches."""
+    from largebatch.optim._triton_kernels import compiled
+
+    columns = [params, grads] + ([bufs] if bufs is not None else [])
+    tab = table(cache, key, columns)
+    if tab.n_chunks == 0:
+        return
+    dt = _tl_dtype(params[0].dtype)
+    row = len(columns) + 3
+    common = dict(ROW=row, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=BLOCK)
+    grid = (tab.n_chunks,)
+    if adapt:
+        compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
+    dummy = tab.partial_a
+    lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, params[0].device, dummy)
+    compiled("lars_update")[grid](
+        tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value,
+        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+        float(momentum), float(weight_decay), float(trust_coefficient), float(eps),
+        **common, PBLOCK=PBLOCK, HAS_MOMENTUM=bufs is not None, NESTEROV=bool(nesterov),
+        ADAPT=bool(adapt), CLIP=bool(clip), LR_IS_TENSOR=lr_is_tensor,
+        HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+    )
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf
+
+
+def lamb_step(
+    cache: dict, key: Any, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor,
+    betas: tuple[float, float], eps: float, weight_decay: float, adapt: bool,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One LAMB update of tensors of one device and dtype: the step counts, then two launches."""
+    from largebatch.optim._triton_kernels import compiled
+
+    torch._foreach_add_(steps, 1)
+    columns = [params, grads, exp_avgs, exp_avg_sqs, steps]
+    tab = table(cache, key, columns)
+    if tab.n_chunks:
+        dt = _tl_dtype(params[0].dtype)
+        common = dict(ROW=len(columns) + 3, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=BLOCK)
+        grid = (tab.n_chunks,)
+        dummy = tab.partial_a
+        b1, b2 = (float(b) for b in betas)
+        found = found_inf if found_inf is not None else dummy
+        compiled("lamb_moments")[grid](
+            tab.rows, tab.chunks, tab.partial_a, tab.partial_b,
+            grad_scale if grad_scale is not None else dummy, found,
+            b1, b2, _log2(b1), _log2(b2), float(eps), float(weight_decay),
+            **common, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        )
+        lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, params[0].device, dummy)
+        compiled("lamb_update")[grid](
+            tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value, found,
+            _log2(b1), _log2(b2), float(eps), float(weight_decay),
+            **common, PBLOCK=PBLOCK, ADAPT=bool(adapt), LR_IS_TENSOR=lr_is_tensor,
+            HAS_FOUND_INF=found_inf is not None,
+        )
+    if found_inf is not None:  # a skipped step does not count
+        torch._foreach_sub_(steps, [found_inf.to(steps[0].dtype)] * len(steps))
