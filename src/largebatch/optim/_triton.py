@@ -25,6 +25,7 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 16384  # elements per program: large tensors spread over many programs
 BLOCK = 1024  # elements per vector operation inside a program
+INTERPRETER_BLOCK = 4096  # on CPU, numpy's cost is per operation, not per element
 PBLOCK = 64  # chunk sums added per vector operation in the second reduction
 
 
@@ -132,6 +133,12 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+def _block() -> int:
+    from largebatch.optim._triton_kernels import interpreting
+
+    return INTERPRETER_BLOCK if interpreting() else BLOCK
+
+
 def _lr_args(lr: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, bool]:
     """(pointer, value, is_tensor): a device tensor is read by the kernel, anything else is a value."""
     if isinstance(lr, Tensor):
@@ -156,7 +163,7 @@ def lars_step(
         return
     dt = _tl_dtype(params[0].dtype)
     row = len(columns) + 3
-    common = dict(ROW=row, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=BLOCK)
+    common = dict(ROW=row, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=_block())
     grid = (tab.n_chunks,)
     if adapt:
         compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
@@ -190,7 +197,7 @@ def lamb_step(
     tab = table(cache, key, columns)
     if tab.n_chunks:
         dt = _tl_dtype(params[0].dtype)
-        common = dict(ROW=len(columns) + 3, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=BLOCK)
+        common = dict(ROW=len(columns) + 3, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=_block())
         grid = (tab.n_chunks,)
         dummy = tab.partial_a
         b1, b2 = (float(b) for b in betas)

@@ -22,6 +22,16 @@ import triton.language as tl
 
 __all__ = ["LAMB_COLS", "LARS_COLS", "compiled", "interpreting"]
 
+# tl.sum is tl.reduce with this combine function. Reducing with it directly is the same kernel
+# when compiled, and lets the interpreter use numpy's sum instead of interpreting a function call.
+_sum_combine = getattr(tl.standard, "_sum_combine", None)
+if _sum_combine is None:  # pragma: no cover - a triton without it
+
+    def _add(a, b):
+        return a + b
+
+    _sum_combine = triton.jit(_add)
+
 # Table columns, in order.
 LARS_COLS = ("param", "grad", "momentum_buffer")
 LAMB_COLS = ("param", "grad", "exp_avg", "exp_avg_sq", "step")
@@ -38,8 +48,8 @@ def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl
     w_ptr = tl.load(row).to(tl.pointer_type(DT))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_w = tl.full([BLOCK], 0.0, tl.float32)
+    acc_g = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
@@ -47,8 +57,8 @@ def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         acc_w += w * w
         acc_g += g * g
-    tl.store(partial_w + pid, tl.sum(acc_w, 0))
-    tl.store(partial_g + pid, tl.sum(acc_g, 0))
+    tl.store(partial_w + pid, tl.reduce(acc_w, 0, _sum_combine))
+    tl.store(partial_g + pid, tl.reduce(acc_g, 0, _sum_combine))
 
 
 def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, found_inf_ptr,
@@ -73,22 +83,21 @@ def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, foun
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-    keep = tl.full([BLOCK], 1, tl.int1)
-    if HAS_FOUND_INF:
-        keep = keep & (tl.load(found_inf_ptr).to(tl.float32) == 0.0)
+    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
+        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
     rate = lr
     if LR_IS_TENSOR:
         rate = tl.load(lr_ptr).to(tl.float32)
     if ADAPT:
-        sw = tl.zeros([PBLOCK], dtype=tl.float32)
-        sg = tl.zeros([PBLOCK], dtype=tl.float32)
+        sw = tl.full([PBLOCK], 0.0, tl.float32)
+        sg = tl.full([PBLOCK], 0.0, tl.float32)
         for c in range(0, count, PBLOCK):
             cidx = c + tl.arange(0, PBLOCK)
             cmask = cidx < count
             sw += tl.load(partial_w + first + cidx, mask=cmask, other=0.0)
             sg += tl.load(partial_g + first + cidx, mask=cmask, other=0.0)
-        w_norm = tl.sqrt(tl.sum(sw, 0))
-        g_norm = tl.sqrt(tl.sum(sg, 0)) * inv_scale
+        w_norm = tl.sqrt(tl.reduce(sw, 0, _sum_combine))
+        g_norm = tl.sqrt(tl.reduce(sg, 0, _sum_combine)) * inv_scale
         ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
         ratio = tl.where((w_norm > 0.0) & (g_norm > 0.0), ratio, 1.0)
         if CLIP:
@@ -97,7 +106,7 @@ def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, foun
 
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        mask = (idx < end) & keep
+        mask = idx < end
         w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * inv_scale
         u = rate * (g + weight_decay * w)
@@ -134,11 +143,10 @@ def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-    keep = tl.full([BLOCK], 1, tl.int1)
-    if HAS_FOUND_INF:
-        keep = keep & (tl.load(found_inf_ptr).to(tl.float32) == 0.0)
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
+        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
+    acc_w = tl.full([BLOCK], 0.0, tl.float32)
+    acc_u = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < end
@@ -148,15 +156,15 @@ def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
         v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
         m = m.to(DT)
         v = v.to(DT)
-        tl.store(m_ptr + idx, m, mask=mask & keep)
-        tl.store(v_ptr + idx, v, mask=mask & keep)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
         # the direction from the stored (rounded) moments: lamb_update recomputes the same value
         u = (m.to(tl.float32) / bias1) / (tl.sqrt(v.to(tl.float32) / bias2) + eps) + weight_decay * w
         u = tl.where(mask, u, 0.0)
         acc_w += w * w
         acc_u += u * u
-    tl.store(partial_w + pid, tl.sum(acc_w, 0))
-    tl.store(partial_u + pid, tl.sum(acc_u, 0))
+    tl.store(partial_w + pid, tl.reduce(acc_w, 0, _sum_combine))
+    tl.store(partial_u + pid, tl.reduce(acc_u, 0, _sum_combine))
 
 
 def lamb_update(table, chunks, partial_w, partial_u, lr_ptr, lr, found_inf_ptr,
@@ -178,27 +186,26 @@ def lamb_update(table, chunks, partial_w, partial_u, lr_ptr, lr, found_inf_ptr,
     count = tl.load(row + NUMEL + 2)
     bias1 = 1.0 - tl.exp2(step * log2_beta1)
     bias2 = 1.0 - tl.exp2(step * log2_beta2)
-    keep = tl.full([BLOCK], 1, tl.int1)
-    if HAS_FOUND_INF:
-        keep = keep & (tl.load(found_inf_ptr).to(tl.float32) == 0.0)
+    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
+        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
     rate = lr
     if LR_IS_TENSOR:
         rate = tl.load(lr_ptr).to(tl.float32)
     if ADAPT:
-        sw = tl.zeros([PBLOCK], dtype=tl.float32)
-        su = tl.zeros([PBLOCK], dtype=tl.float32)
+        sw = tl.full([PBLOCK], 0.0, tl.float32)
+        su = tl.full([PBLOCK], 0.0, tl.float32)
         for c in range(0, count, PBLOCK):
             cidx = c + tl.arange(0, PBLOCK)
             cmask = cidx < count
             sw += tl.load(partial_w + first + cidx, mask=cmask, other=0.0)
             su += tl.load(partial_u + first + cidx, mask=cmask, other=0.0)
-        w_norm = tl.sqrt(tl.sum(sw, 0))
-        u_norm = tl.sqrt(tl.sum(su, 0))
+        w_norm = tl.sqrt(tl.reduce(sw, 0, _sum_combine))
+        u_norm = tl.sqrt(tl.reduce(su, 0, _sum_combine))
         ratio = tl.where((w_norm > 0.0) & (u_norm > 0.0), w_norm / u_norm, 1.0)
         rate = rate * ratio
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        mask = (idx < end) & keep
+        mask = idx < end
         w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
