@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SUPPORTED_DTYPES", "TritonUnavailable", "check_usable", "dense", "lamb_step", "lars_step", "split_flat",
-    "table", "take", "triton_installed",
+    "BLOCK", "CHUNK", "INTERPRETER_BLOCK", "PBLOCK", "SUPPORTED_DTYPES", "TritonUnavailable",
+    "check_usable", "dense", "lamb_step", "lars_step", "split_flat", "table", "take", "triton_installed",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import triton
 import triton.language as tl
 
-__all__ = ["LAMB_COLS", "LARS_COLS", "compiled", "interpreting"]
+__all__ = ["compiled", "interpreting", "lamb_moments", "lamb_update", "lars_norms", "lars_update"]
 
 # tl.sum is tl.reduce with this combine function. Reducing with it directly is the same kernel
 # when compiled, and lets the interpreter use numpy's sum instead of interpreting a function call.
@@ -32,10 +32,8 @@ if _sum_combine is None:  # pragma: no cover - a triton without it
 
     _sum_combine = triton.jit(_add)
 
-# Table columns, in order.
-LARS_COLS = ("param", "grad", "momentum_buffer")
-LAMB_COLS = ("param", "grad", "exp_avg", "exp_avg_sq", "step")
-# After the address columns each row holds: numel, first chunk, number of chunks.
+# A table row: the addresses (LARS: param, grad[, momentum_buffer]; LAMB: param, grad, exp_avg,
+# exp_avg_sq, step), then numel, first chunk, number of chunks. NUMEL is the numel column.
 
 
 def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl.constexpr,

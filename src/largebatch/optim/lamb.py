@@ -37,7 +37,7 @@ from largebatch.optim._common import (
 
 __all__ = ["LAMB"]
 
-IMPLEMENTATIONS = ("auto", "triton", "foreach", "single")
+_IMPLEMENTATIONS = ("auto", "triton", "foreach", "single")  # no compiled path for LAMB
 
 
 class LAMB(Optimizer):
@@ -81,7 +81,7 @@ class LAMB(Optimizer):
         super().__init__(params, defaults)
         self._tables: dict[Any, Any] = {}  # Triton path: packed address tables
         for group in self.param_groups:
-            check_implementation(group, IMPLEMENTATIONS, "LAMB")
+            check_implementation(group, _IMPLEMENTATIONS, "LAMB")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
