@@ -57,6 +57,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     exclude_bias_and_norm: bool = True
     fused: bool = False
+    implementation: str = "auto"  # the optimizer's path; auto: Triton on CUDA, foreach on CPU
     label_smoothing: float = 0.0
 
 
@@ -248,6 +249,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no knowledge of the world size, the model registry or the data."""
     _choice("optim.name", config.optim.name, OPTIMIZERS)
+    _choice("optim.implementation", config.optim.implementation, ("auto", "triton", "foreach", "compiled", "single"))
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("schedule.decay", config.schedule.decay, DECAYS)

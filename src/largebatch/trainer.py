@@ -38,7 +38,8 @@ from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
     "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "dist_timeout_s",
+    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "optim.implementation",
+    "dist_timeout_s",
 }
 
 
@@ -98,9 +99,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
     )
     if o.name == "lars":
         return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                    nesterov=o.nesterov, clip=o.clip, fused=o.fused)
+                    nesterov=o.nesterov, clip=o.clip, fused=o.fused, implementation=o.implementation)
     if o.name == "lamb":
-        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6)
+        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6, implementation=o.implementation)
     for g in groups:
         g.pop("lars_adapt")
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "PATH_KEYS",
     "accumulation_dtype",
     "amp_scaling_supported",
     "check_implementation",
@@ -18,12 +19,16 @@ __all__ = [
     "chosen_implementation",
     "collect_grads",
     "group_by_device_and_dtype",
+    "load_keeping_path_choice",
     "safe_ratio",
     "tensor_norm",
     "tensor_norms",
 ]
 
 IMPLEMENTATIONS = ("auto", "triton", "foreach", "compiled", "single")
+# Group keys that choose how the update is computed, not what it is: they belong to the process
+# that steps (its device, its installed packages), not to a checkpoint.
+PATH_KEYS = ("implementation", "foreach", "fused")
 
 
 def check_lr(lr: float | Tensor) -> None:
@@ -162,3 +167,15 @@ def amp_scaling_supported(groups: Sequence[dict]) -> bool:
             if p.grad is not None and p.grad.stride() != p.stride():
                 return False
     return True
+
+
+def load_keeping_path_choice(optimizer: torch.optim.Optimizer, load: Callable[[dict], None], state_dict: dict) -> None:
+    """torch's load_state_dict, except that each group keeps this process's PATH_KEYS.
+
+    A checkpoint written on a GPU with ``implementation="triton"`` then resumes on the CPU with
+    whatever this process asked for: the state (buffers, step counts) is the same on every path.
+    """
+    chosen = [{k: g[k] for k in PATH_KEYS if k in g} for g in optimizer.param_groups]
+    load(state_dict)
+    for group, keep in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(keep)

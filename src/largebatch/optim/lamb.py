@@ -30,6 +30,7 @@ from largebatch.optim._common import (
     chosen_implementation,
     collect_grads,
     group_by_device_and_dtype,
+    load_keeping_path_choice,
     safe_ratio,
     tensor_norm,
     tensor_norms,
@@ -88,6 +89,12 @@ class LAMB(Optimizer):
         self._tables = {}
         for group in self.param_groups:
             group.setdefault("implementation", "auto")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
+        one this optimizer was built with: the saved state is the same on every path."""
+        load_keeping_path_choice(self, super().load_state_dict, state_dict)
+        self._tables = {}
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

@@ -36,6 +36,7 @@ from largebatch.optim._common import (
     chosen_implementation,
     collect_grads,
     group_by_device_and_dtype,
+    load_keeping_path_choice,
     safe_ratio,
     tensor_norm,
     tensor_norms,
@@ -132,6 +133,13 @@ class LARS(Optimizer):
             check_lr(group["lr"])
             check_nonnegative("weight_decay", group["weight_decay"])
             check_implementation(group, IMPLEMENTATIONS, "LARS")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
+        one this optimizer was built with: the saved state is the same on every path."""
+        load_keeping_path_choice(self, super().load_state_dict, state_dict)
+        self._aliases = {}
+        self._tables = {}
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
