@@ -317,6 +317,11 @@ def test_default_path_follows_the_device():
 
 def test_triton_refused_where_it_cannot_run(monkeypatch):
     p = [torch.nn.Parameter(torch.ones(3))]
+    opt = LARS(p, lr=0.1, implementation="triton")  # accepted while the interpreter is on
+    p[0].grad = torch.ones(3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(triton_path.TritonUnavailable, match="needs CUDA tensors"):
+        opt.step()  # refused at the step too, not failed inside the kernel launch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(triton_path.TritonUnavailable, match=r"needs CUDA tensors .* TRITON_INTERPRET=1"):
         LARS(p, lr=0.1, implementation="triton")

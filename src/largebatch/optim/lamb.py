@@ -205,6 +205,7 @@ def _triton_lamb(
 ) -> None:
     """Triton kernels per (device, dtype) bucket; a dtype they lack is refused if asked for by name."""
     for ps, gs, ms, vs, ts in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+        _triton.check_usable(ps[0].device, "LAMB")  # e.g. moved to the CPU after construction
         if ps[0].dtype not in _triton.SUPPORTED_DTYPES:
             if explicit:
                 raise TypeError(f"LAMB(implementation='triton') supports float32, bfloat16 and float16 "

@@ -312,6 +312,7 @@ def _triton_lars(
     for bucket in group_by_device_and_dtype(*lists):
         ps, gs = bucket[0], bucket[1]
         vs = bucket[2] if bufs is not None else None
+        _triton.check_usable(ps[0].device, "LARS")  # e.g. moved to the CPU after construction
         if ps[0].dtype not in _triton.SUPPORTED_DTYPES:
             if explicit:
                 raise TypeError(f"LARS(implementation='triton') supports float32, bfloat16 and float16 "
