@@ -18,8 +18,22 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK", "CHUNK", "INTERPRETER_BLOCK", "PBLOCK", "SUPPORTED_DTYPES", "TritonUnavailable",
-    "check_usable", "dense", "lamb_step", "lars_step", "split_flat", "table", "take", "triton_installed",
+    "BLOCK",
+    "CHUNK",
+    "INTERPRETER_BLOCK",
+    "PBLOCK",
+    "SUPPORTED_DTYPES",
+    "Prepared",
+    "Table",
+    "TritonUnavailable",
+    "check_usable",
+    "dense",
+    "lamb_step",
+    "lars_step",
+    "prepare",
+    "split_flat",
+    "take",
+    "triton_installed",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,8 +99,10 @@ def take(items: list[Tensor], indices: list[int]) -> list[Tensor]:
 
 
 @dataclass
-class _Table:
-    addresses: tuple[int, ...]
+class Table:
+    """A packed table on the device, with the scratch space of the per-chunk sums."""
+
+    dtype: torch.dtype
     rows: Tensor  # int64 [tensors, columns + 3] on the device
     chunks: Tensor  # int64 [chunks, 2]: (tensor index, first element)
     partial_a: Tensor  # float32 [chunks]
@@ -94,7 +110,7 @@ class _Table:
     n_chunks: int
 
 
-def _build(columns: list[list[Tensor]], addresses: tuple[int, ...]) -> _Table:
+def _build(columns: list[list[Tensor]]) -> Table:
     device = columns[0][0].device
     rows, chunks = [], []
     for i, p in enumerate(columns[0]):
@@ -107,8 +123,8 @@ def _build(columns: list[list[Tensor]], addresses: tuple[int, ...]) -> _Table:
     if device.type == "cuda":  # pinned, so the copy is asynchronous
         host_rows, host_chunks = host_rows.pin_memory(), host_chunks.pin_memory()
     n_chunks = len(chunks)
-    return _Table(
-        addresses=addresses,
+    return Table(
+        dtype=columns[0][0].dtype,
         rows=host_rows.to(device, non_blocking=True),
         chunks=host_chunks.to(device, non_blocking=True),
         partial_a=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
@@ -117,12 +133,26 @@ def _build(columns: list[list[Tensor]], addresses: tuple[int, ...]) -> _Table:
     )
 
 
-def table(cache: dict, key: Any, columns: list[list[Tensor]]) -> _Table:
-    """The packed table for these tensors, from ``cache`` while no address has changed."""
+@dataclass
+class Prepared:
+    """What one step of a (group, device, dtype) bucket needs, reused while no address changes."""
+
+    addresses: tuple[int, ...]
+    flat: list[int]  # indices of the tensors the kernels take
+    odd: list[int]  # indices of the others (single-tensor path)
+    table: Table | None
+
+
+def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int) -> Prepared:
+    """The split into kernel/odd tensors and the packed table, from ``cache`` when every address
+    (parameters, gradients, buffers) is the one it was built for: the per-step cost is then one
+    ``data_ptr()`` per tensor. ``columns[:elementwise]`` have the parameters' shape and layout."""
     addresses = tuple(t.data_ptr() for col in columns for t in col)
     entry = cache.get(key)
     if entry is None or entry.addresses != addresses:
-        entry = _build(columns, addresses)
+        flat, odd = split_flat(columns[:elementwise])
+        table = _build([take(col, flat) for col in columns]) if flat else None
+        entry = Prepared(addresses, flat, odd, table)
         cache[key] = entry
     return entry
 
@@ -149,31 +179,27 @@ def _lr_args(lr: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[T
 
 
 def lars_step(
-    cache: dict, key: Any, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, *,
-    lr: float | Tensor, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
-    nesterov: bool, clip: bool, adapt: bool, grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    tab: Table, *, has_momentum: bool, lr: float | Tensor, momentum: float, weight_decay: float,
+    trust_coefficient: float, eps: float, nesterov: bool, clip: bool, adapt: bool,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One LARS update of tensors of one device and dtype, in two launches."""
+    """One LARS update of the tensors of ``tab`` (one device and dtype), in two launches."""
     from largebatch.optim._triton_kernels import compiled
 
-    columns = [params, grads] + ([bufs] if bufs is not None else [])
-    tab = table(cache, key, columns)
     if tab.n_chunks == 0:
         return
-    dt = _tl_dtype(params[0].dtype)
-    row = len(columns) + 3
-    common = dict(ROW=row, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=_block())
+    n_columns = 3 if has_momentum else 2
+    common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(tab.dtype), CHUNK=CHUNK, BLOCK=_block())
     grid = (tab.n_chunks,)
     if adapt:
         compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
     dummy = tab.partial_a
-    lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, params[0].device, dummy)
+    lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
     compiled("lars_update")[grid](
         tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         float(momentum), float(weight_decay), float(trust_coefficient), float(eps),
-        **common, PBLOCK=PBLOCK, HAS_MOMENTUM=bufs is not None, NESTEROV=bool(nesterov),
+        **common, PBLOCK=PBLOCK, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
         ADAPT=bool(adapt), CLIP=bool(clip), LR_IS_TENSOR=lr_is_tensor,
         HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
     )
@@ -184,20 +210,15 @@ def _log2(beta: float) -> float:
 
 
 def lamb_step(
-    cache: dict, key: Any, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor,
-    betas: tuple[float, float], eps: float, weight_decay: float, adapt: bool,
-    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    tab: Table, steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    weight_decay: float, adapt: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One LAMB update of tensors of one device and dtype: the step counts, then two launches."""
+    """One LAMB update of the tensors of ``tab``: their step counts, then two launches."""
     from largebatch.optim._triton_kernels import compiled
 
     torch._foreach_add_(steps, 1)
-    columns = [params, grads, exp_avgs, exp_avg_sqs, steps]
-    tab = table(cache, key, columns)
     if tab.n_chunks:
-        dt = _tl_dtype(params[0].dtype)
-        common = dict(ROW=len(columns) + 3, NUMEL=len(columns), DT=dt, CHUNK=CHUNK, BLOCK=_block())
+        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(tab.dtype), CHUNK=CHUNK, BLOCK=_block())
         grid = (tab.n_chunks,)
         dummy = tab.partial_a
         b1, b2 = (float(b) for b in betas)
@@ -208,7 +229,7 @@ def lamb_step(
             b1, b2, _log2(b1), _log2(b2), float(eps), float(weight_decay),
             **common, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
         )
-        lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, params[0].device, dummy)
+        lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
         compiled("lamb_update")[grid](
             tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value, found,
             _log2(b1), _log2(b2), float(eps), float(weight_decay),

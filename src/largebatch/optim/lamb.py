@@ -212,12 +212,9 @@ def _triton_lamb(
                                 f"parameters, not {ps[0].dtype}")
             _multi_tensor_lamb(ps, gs, ms, vs, ts, **options)
             continue
-        flat, odd = _triton.split_flat([ps, gs, ms, vs])
-        if odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
-            _single_tensor_lamb(*(_triton.take(xs, odd) for xs in (ps, gs, ms, vs, ts)), **options)
-        if flat:
-            _triton.lamb_step(
-                tables, (group_index, ps[0].device, ps[0].dtype),
-                *(_triton.take(xs, flat) for xs in (ps, gs, ms, vs, ts)),
-                grad_scale=grad_scale, found_inf=found_inf, **options,
-            )
+        prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), [ps, gs, ms, vs, ts], 4)
+        if prepared.odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
+            _single_tensor_lamb(*(_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts)), **options)
+        if prepared.table is not None:
+            _triton.lamb_step(prepared.table, _triton.take(ts, prepared.flat), grad_scale=grad_scale,
+                              found_inf=found_inf, **options)

@@ -319,16 +319,14 @@ def _triton_lars(
                                 f"parameters, not {ps[0].dtype}")
             _multi_tensor_lars(ps, gs, vs, **options)
             continue
-        flat, odd = _triton.split_flat(list(bucket))
+        prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), list(bucket), len(bucket))
+        odd = prepared.odd
         if odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
             _single_tensor_lars(_triton.take(ps, odd), _triton.take(gs, odd),
                                 None if vs is None else _triton.take(vs, odd), **options)
-        if flat:
-            _triton.lars_step(
-                tables, (group_index, ps[0].device, ps[0].dtype), _triton.take(ps, flat),
-                _triton.take(gs, flat), None if vs is None else _triton.take(vs, flat),
-                grad_scale=grad_scale, found_inf=found_inf, **options,
-            )
+        if prepared.table is not None:
+            _triton.lars_step(prepared.table, has_momentum=vs is not None, grad_scale=grad_scale,
+                              found_inf=found_inf, **options)
 
 
 # ---------------------------------------------------------------------------------------------
