@@ -19,7 +19,7 @@ from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.optim import _triton as triton_path
 from largebatch.optim._common import chosen_implementation
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 # 0/0 in a ratio the kernel then replaces by 1 (zero norms): numpy warns in the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
@@ -344,3 +344,45 @@ def test_bad_choices_are_refused_in_one_line():
     wide[0].grad = torch.ones(3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
         opt.step()
+
+
+def _signature(fn, constexprs: dict, floats: tuple[str, ...]) -> dict[str, str]:
+    import inspect
+
+    integer_tables = ("table", "chunks")
+    return {name: "constexpr" if name in constexprs else "fp32" if name in floats
+            else "*i64" if name in integer_tables else "*fp32"
+            for name in inspect.signature(fn.fn).parameters}
+
+
+def test_kernels_compile_for_a_gpu_without_one(monkeypatch, tmp_path):
+    """Triton compiles for sm_90 on this CPU (ptxas ships with triton): what the interpreter
+    cannot see, a kernel the GPU compiler refuses, shows here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from largebatch.optim import _triton_kernels as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a real compile, not a cache hit
+    tl = triton.language
+    everything = dict(HAS_SCALE=True, HAS_FOUND_INF=True)
+    lars_hyper = ("lr", "momentum", "weight_decay", "eta", "eps")
+    lamb_hyper = ("lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps", "weight_decay")
+    jobs = [
+        ("lars_norms", dict(ROW=6, NUMEL=3, DT=tl.bfloat16), ()),
+        ("lars_update", dict(ROW=6, NUMEL=3, DT=tl.bfloat16, PBLOCK=64, HAS_MOMENTUM=True, NESTEROV=True,
+                             ADAPT=True, CLIP=True, LR_IS_TENSOR=True, **everything), lars_hyper),
+        ("lars_update", dict(ROW=5, NUMEL=2, DT=tl.float32, PBLOCK=64, HAS_MOMENTUM=False, NESTEROV=False,
+                             ADAPT=False, CLIP=False, LR_IS_TENSOR=False, HAS_SCALE=False,
+                             HAS_FOUND_INF=False), lars_hyper),
+        ("lamb_moments", dict(ROW=8, NUMEL=5, DT=tl.bfloat16, **everything), lamb_hyper),
+        ("lamb_update", dict(ROW=8, NUMEL=5, DT=tl.float16, PBLOCK=64, ADAPT=True, LR_IS_TENSOR=True,
+                             HAS_FOUND_INF=True), lamb_hyper),
+    ]
+    for name, constexprs, floats in jobs:
+        fn = kernels.compiled(name)
+        constexprs = dict(constexprs, CHUNK=triton_path.CHUNK, BLOCK=triton_path.BLOCK)
+        source = ASTSource(fn, _signature(fn, constexprs, floats), constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], name
