@@ -1,4 +1,4 @@
-"""Float64 NumPy references written straight from the formulas in shared/DESIGN.md.
+"""Float64 NumPy references written straight from the formulas in README.md.
 
 They share no code with largebatch.optim, so the tests compare two independent derivations.
 """
