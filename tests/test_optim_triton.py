@@ -386,3 +386,47 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch, tmp_path):
         source = ASTSource(fn, _signature(fn, constexprs, floats), constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], name
+
+
+class _Launches:
+    """Stands for the jitted kernels: records each launch instead of running it."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, name):
+        calls = self.calls
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append(name)
+
+        return Kernel()
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_step_launches_a_fixed_number_of_kernels_without_a_host_sync(optimizer, monkeypatch, seed):
+    """Two launches per group and dtype whatever the number of tensors, and no call in the
+    Python around them that reads a device value back (checked on the second step, from the cache)."""
+    from test_lars import _NoHostSync
+
+    from largebatch.optim import _triton_kernels as kernels
+
+    launches = _Launches()
+    monkeypatch.setattr(kernels, "compiled", launches)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(300)]
+    groups = [{"params": params[:200]}, {"params": params[200:], "lars_adapt": False, "weight_decay": 0.0}]
+    if optimizer == "lars":
+        opt = LARS(groups, lr=torch.tensor(0.1), weight_decay=1e-3, implementation="triton")
+    else:
+        opt = LAMB(groups, lr=torch.tensor(0.1), weight_decay=1e-3, implementation="triton")
+    for p in params:
+        p.grad = torch.randn(5, generator=gen)
+    opt.step()
+    launches.calls.clear()
+    with _NoHostSync():
+        opt.step()
+    expected = {"lars": ["lars_norms", "lars_update", "lars_update"],  # no norms where r = 1
+                "lamb": ["lamb_moments", "lamb_update"] * 2}[optimizer]
+    assert launches.calls == expected
