@@ -370,14 +370,14 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch, tmp_path):
     lars_hyper = ("lr", "momentum", "weight_decay", "eta", "eps")
     lamb_hyper = ("lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps", "weight_decay")
     jobs = [
-        ("lars_norms", dict(ROW=6, NUMEL=3, DT=tl.bfloat16), ()),
-        ("lars_update", dict(ROW=6, NUMEL=3, DT=tl.bfloat16, PBLOCK=64, HAS_MOMENTUM=True, NESTEROV=True,
+        ("lars_norms", dict(ROW=6, NUMEL=3, DT=tl.bfloat16, VEC=8), ()),
+        ("lars_update", dict(ROW=6, NUMEL=3, DT=tl.bfloat16, VEC=8, PBLOCK=64, HAS_MOMENTUM=True, NESTEROV=True,
                              ADAPT=True, CLIP=True, LR_IS_TENSOR=True, **everything), lars_hyper),
-        ("lars_update", dict(ROW=5, NUMEL=2, DT=tl.float32, PBLOCK=64, HAS_MOMENTUM=False, NESTEROV=False,
+        ("lars_update", dict(ROW=5, NUMEL=2, DT=tl.float32, VEC=1, PBLOCK=64, HAS_MOMENTUM=False, NESTEROV=False,
                              ADAPT=False, CLIP=False, LR_IS_TENSOR=False, HAS_SCALE=False,
                              HAS_FOUND_INF=False), lars_hyper),
-        ("lamb_moments", dict(ROW=8, NUMEL=5, DT=tl.bfloat16, **everything), lamb_hyper),
-        ("lamb_update", dict(ROW=8, NUMEL=5, DT=tl.float16, PBLOCK=64, ADAPT=True, LR_IS_TENSOR=True,
+        ("lamb_moments", dict(ROW=8, NUMEL=5, DT=tl.bfloat16, VEC=8, **everything), lamb_hyper),
+        ("lamb_update", dict(ROW=8, NUMEL=5, DT=tl.float32, VEC=4, PBLOCK=64, ADAPT=True, LR_IS_TENSOR=True,
                              HAS_FOUND_INF=True), lamb_hyper),
     ]
     for name, constexprs, floats in jobs:
@@ -386,6 +386,8 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch, tmp_path):
         source = ASTSource(fn, _signature(fn, constexprs, floats), constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], name
+        if constexprs["VEC"] > 1:  # 128-bit loads where the table allows them
+            assert "ld.global.v4" in compiled.asm["ptx"], name
 
 
 class _Launches:

@@ -103,6 +103,7 @@ class Table:
     """A packed table on the device, with the scratch space of the per-chunk sums."""
 
     dtype: torch.dtype
+    vec: int  # elements per 16-byte vector access, or 1 when an address or a length forbids it
     rows: Tensor  # int64 [tensors, columns + 3] on the device
     chunks: Tensor  # int64 [chunks, 2]: (tensor index, first element)
     partial_a: Tensor  # float32 [chunks]
@@ -125,6 +126,7 @@ def _build(columns: list[list[Tensor]]) -> Table:
     n_chunks = len(chunks)
     return Table(
         dtype=columns[0][0].dtype,
+        vec=_vector_width(columns),
         rows=host_rows.to(device, non_blocking=True),
         chunks=host_chunks.to(device, non_blocking=True),
         partial_a=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
@@ -141,6 +143,14 @@ class Prepared:
     flat: list[int]  # indices of the tensors the kernels take
     odd: list[int]  # indices of the others (single-tensor path)
     table: Table | None
+
+
+def _vector_width(columns: list[list[Tensor]]) -> int:
+    """16 bytes' worth of elements when every address is 16-byte aligned and every length a
+    multiple of it (the kernels then load and store 128 bits at a time), else 1."""
+    vec = 16 // columns[0][0].element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for col in columns for t in col if t.dim() > 0)
+    return vec if aligned and all(p.numel() % vec == 0 for p in columns[0]) else 1
 
 
 def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int) -> Prepared:
@@ -189,7 +199,8 @@ def lars_step(
     if tab.n_chunks == 0:
         return
     n_columns = 3 if has_momentum else 2
-    common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(tab.dtype), CHUNK=CHUNK, BLOCK=_block())
+    common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
+                  CHUNK=CHUNK, BLOCK=_block())
     grid = (tab.n_chunks,)
     if adapt:
         compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
@@ -218,7 +229,8 @@ def lamb_step(
 
     torch._foreach_add_(steps, 1)
     if tab.n_chunks:
-        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(tab.dtype), CHUNK=CHUNK, BLOCK=_block())
+        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
+                  CHUNK=CHUNK, BLOCK=_block())
         grid = (tab.n_chunks,)
         dummy = tab.partial_a
         b1, b2 = (float(b) for b in betas)

@@ -37,15 +37,22 @@ if _sum_combine is None:  # pragma: no cover - a triton without it
 
 
 def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl.constexpr,
-               DT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+               DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Sums of squares of w and g over one chunk."""
     pid = tl.program_id(0)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = table + t * ROW
     w_ptr = tl.load(row).to(tl.pointer_type(DT))
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
+    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
+        start = tl.multiple_of(start, VEC)
+        end = tl.multiple_of(end, VEC)
     acc_w = tl.full([BLOCK], 0.0, tl.float32)
     acc_g = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
@@ -61,7 +68,7 @@ def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl
 
 def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, found_inf_ptr,
                 momentum, weight_decay, eta, eps,
-                ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
+                ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK: tl.constexpr, PBLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                 NESTEROV: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr,
                 LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
@@ -71,13 +78,22 @@ def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, foun
     start = tl.load(chunks + 2 * pid + 1)
     row = table + t * ROW
     w_ptr = tl.load(row).to(tl.pointer_type(DT))
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
+    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
+        start = tl.multiple_of(start, VEC)
+        end = tl.multiple_of(end, VEC)
     first = tl.load(row + NUMEL + 1)
     count = tl.load(row + NUMEL + 2)
     v_ptr = w_ptr
     if HAS_MOMENTUM:
         v_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
+        if VEC > 1:
+            v_ptr = tl.multiple_of(v_ptr, 16)
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
@@ -122,7 +138,7 @@ def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, foun
 
 def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
                  beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-                 ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
+                 ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr,
                  BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """m, v updated in place; sums of squares of w and of the direction u over one chunk."""
     pid = tl.program_id(0)
@@ -130,11 +146,22 @@ def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
     start = tl.load(chunks + 2 * pid + 1)
     row = table + t * ROW
     w_ptr = tl.load(row).to(tl.pointer_type(DT))
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     m_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
+    if VEC > 1:
+        m_ptr = tl.multiple_of(m_ptr, 16)
     v_ptr = tl.load(row + 3).to(tl.pointer_type(DT))
+    if VEC > 1:
+        v_ptr = tl.multiple_of(v_ptr, 16)
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
+    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
+        start = tl.multiple_of(start, VEC)
+        end = tl.multiple_of(end, VEC)
     # bias corrections in float32 whatever the tensor's dtype (in bf16, 0.999 rounds to 1)
     bias1 = 1.0 - tl.exp2(step * log2_beta1)
     bias2 = 1.0 - tl.exp2(step * log2_beta2)
@@ -167,7 +194,7 @@ def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
 
 def lamb_update(table, chunks, partial_w, partial_u, lr_ptr, lr, found_inf_ptr,
                 log2_beta1, log2_beta2, eps, weight_decay,
-                ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr,
+                ROW: tl.constexpr, NUMEL: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK: tl.constexpr, PBLOCK: tl.constexpr, ADAPT: tl.constexpr,
                 LR_IS_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """r = ||w|| / ||u|| from the tensor's chunk sums, then w <- w - lr*r*u."""
@@ -176,10 +203,19 @@ def lamb_update(table, chunks, partial_w, partial_u, lr_ptr, lr, found_inf_ptr,
     start = tl.load(chunks + 2 * pid + 1)
     row = table + t * ROW
     w_ptr = tl.load(row).to(tl.pointer_type(DT))
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
     m_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
+    if VEC > 1:
+        m_ptr = tl.multiple_of(m_ptr, 16)
     v_ptr = tl.load(row + 3).to(tl.pointer_type(DT))
+    if VEC > 1:
+        v_ptr = tl.multiple_of(v_ptr, 16)
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
+    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
+        start = tl.multiple_of(start, VEC)
+        end = tl.multiple_of(end, VEC)
     first = tl.load(row + NUMEL + 1)
     count = tl.load(row + NUMEL + 2)
     bias1 = 1.0 - tl.exp2(step * log2_beta1)
