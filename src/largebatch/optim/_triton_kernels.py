@@ -5,7 +5,9 @@ and state buffers, its length, and the range of "chunks" (fixed-size slices) it 
 One program handles one chunk, so a large tensor spreads over many programs and two thousand
 small ones cost two thousand programs, not two thousand launches. Per-chunk sums of squares go
 to a scratch vector; the update kernel adds up its tensor's chunks itself (a deterministic second
-reduction, no atomics), so trust ratios never leave the device.
+reduction, no atomics), so trust ratios never leave the device. With ``VEC > 1`` (every address
+16-byte aligned and every length a multiple of VEC, checked on the host) the compiler is told
+so, and loads and stores move 128 bits at a time.
 
 The functions are plain Python until :func:`compiled` hands them to ``triton.jit``, which reads
 ``TRITON_INTERPRET`` at that moment: the same source runs compiled on a GPU or interpreted on CPU
