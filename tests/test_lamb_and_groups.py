@@ -100,3 +100,33 @@ def test_param_groups_skip_frozen_parameters_and_feed_lars():
 def test_param_groups_refuse_a_bad_selector():
     with pytest.raises(TypeError, match="exclusion must be a callable"):
         param_groups(_model(), 1e-4, exclude_from_decay="biases")
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lamb_moves_low_precision_params_as_the_float64_reference_does(dtype, foreach, seed):
+    """bf16/fp16 parameters follow the reference computed from the same rounded start and gradients.
+
+    The bias corrections must not be computed in the parameter's dtype: in bf16, 0.999 rounds to 1,
+    1 - 0.999**t is 0 and the direction vanishes (the parameters never move).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    init = [(0.5 * torch.randn(s, generator=gen)).to(dtype) for s in SHAPES]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = LAMB(params, lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, foreach=foreach)
+    ref = [(t.double().numpy(), np.zeros(t.shape), np.zeros(t.shape)) for t in init]
+    for t in range(1, 4):
+        # |g| >= 0.5: (1 - b2) * g^2 stays above fp16's smallest values (a smaller one flushes
+        # the second moment to 0 in fp16 storage, whatever the optimizer)
+        raw = [torch.randn(s, generator=gen) for s in SHAPES]
+        grads = [(r.sign() * (0.5 + r.abs())).to(dtype) for r in raw]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref = [lamb_step(w, g.double().numpy(), m, v, t, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6,
+                         weight_decay=0.01) for (w, m, v), g in zip(ref, grads, strict=True)]
+    for p, w0, (w, _, _) in zip(params, init, ref, strict=True):
+        moved = np.abs(w - w0.double().numpy()).max()
+        ulp = torch.finfo(dtype).eps * float(np.abs(w).max())
+        assert moved > 10 * ulp  # the reference moves the tensor by far more than its rounding
+        np.testing.assert_allclose(p.detach().double().numpy(), w, rtol=0, atol=4 * ulp)

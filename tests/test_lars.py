@@ -269,3 +269,31 @@ def test_bf16_autocast_training_runs_and_learns(seed):
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LARS([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+@pytest.mark.parametrize("path", ["single", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_follow_the_float64_reference(path, dtype, seed):
+    """bf16/fp16 parameters, gradients and buffers: within a few units in the last place of the
+    reference computed from the same rounded start and gradients, for steps far above rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    opts = dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.05, eps=0.0)
+    init = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = LARS(params, lr=1.0, **opts, **PATHS[path])
+    ref_w = [t.double().numpy() for t in init]
+    ref_v = [np.zeros(t.shape) for t in init]
+    for lr in (1.0, 2.0, 1.5):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        for i, g in enumerate(grads):
+            ref_w[i], ref_v[i] = lars_step(ref_w[i], g.double().numpy(), ref_v[i], lr=lr,
+                                           momentum=0.9, weight_decay=1e-3, eta=0.05, eps=0.0)
+    for p, w0, w in zip(params, init, ref_w, strict=True):
+        ulp = torch.finfo(dtype).eps * float(np.abs(w).max())
+        assert np.abs(w - w0.double().numpy()).max() > 10 * ulp
+        np.testing.assert_allclose(p.detach().double().numpy(), w, rtol=0, atol=4 * ulp)

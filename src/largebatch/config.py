@@ -64,7 +64,8 @@ GRAD_DTYPES = ("fp32", "bf16", "fp16")
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
     "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "dist_timeout_s",
+    "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "optim.implementation",
+    "dist_timeout_s",
 }
 
 
@@ -108,7 +109,9 @@ class OptimConfig:
     clip: bool = described(False, "LARC clip mode: the effective rate lr * r is capped at lr")
     betas: tuple[float, float] = described((0.9, 0.999), "LAMB's moment decay rates, each in [0, 1)")
     exclude_bias_and_norm: bool = described(True, "biases and norm weights: no trust ratio, no weight decay")
-    fused: bool = described(False, "LARS as one compiled kernel per tensor (torch.compile)")
+    fused: bool = described(False, "LARS as one compiled kernel per tensor (torch.compile); = implementation=compiled")
+    implementation: str = described("auto", "optimizer path: auto (triton on CUDA, foreach on CPU), triton, foreach, "
+                                    "compiled or single")
     label_smoothing: float = described(0.0, "cross-entropy label smoothing, in [0, 1)")
 
 
@@ -355,6 +358,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no knowledge of the world size, the model registry or the data."""
     _choice("optim.name", config.optim.name, OPTIMIZERS)
+    _choice("optim.implementation", config.optim.implementation, ("auto", "triton", "foreach", "compiled", "single"))
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)

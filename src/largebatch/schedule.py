@@ -16,6 +16,9 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DECAYS",
+    "ORIGINS",
+    "Decay",
     "WarmupDecay",
     "linear_scaling",
     "mlperf_resnet50_lars",

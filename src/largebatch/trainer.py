@@ -70,9 +70,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
     )
     if o.name == "lars":
         return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                    nesterov=o.nesterov, clip=o.clip, fused=o.fused)
+                    nesterov=o.nesterov, clip=o.clip, fused=o.fused, implementation=o.implementation)
     if o.name == "lamb":
-        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6)
+        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6, implementation=o.implementation)
     for g in groups:
         g.pop("lars_adapt")
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+__all__ = [
+    "IMPLEMENTATIONS",
+    "PATH_KEYS",
+    "accumulation_dtype",
+    "amp_scaling_supported",
+    "check_implementation",
+    "check_lr",
+    "check_nonnegative",
+    "chosen_implementation",
+    "collect_grads",
+    "group_by_device_and_dtype",
+    "load_keeping_path_choice",
+    "safe_ratio",
+    "tensor_norm",
+    "tensor_norms",
+]
+
+IMPLEMENTATIONS = ("auto", "triton", "foreach", "compiled", "single")
+# Group keys that choose how the update is computed, not what it is: they belong to the process
+# that steps (its device, its installed packages), not to a checkpoint.
+PATH_KEYS = ("implementation", "foreach", "fused")
+
 
 def check_lr(lr: float | Tensor) -> None:
     """Refuse a negative or non-finite rate; accept a float or a 0-dim tensor (checked once, here)."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a float or a 0-dim tensor, got a tensor of shape {tuple(lr.shape)}")
-        value = float(lr)  # construction time only, never inside step()
-    else:
-        value = float(lr)
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr must be a float or a 0-dim tensor, got a tensor of shape {tuple(lr.shape)}")
+    value = float(lr)  # construction time only, never inside step()
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"lr must be finite and >= 0, got {lr}")
 
@@ -35,13 +54,11 @@ def tensor_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=accumulation_dtype(t.dtype))
 
 
-def tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> Tensor:
-    """Per-tensor L2 norms as one vector, without leaving the device."""
+def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor L2 norms as one vector, in one multi-tensor call, without leaving the device."""
     if not tensors:
         return torch.empty(0)
-    if foreach:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype)))
-    return torch.stack([tensor_norm(t) for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(tensors[0].dtype)))
 
 
 def safe_ratio(numerator: Tensor, denominator: Tensor, w_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -82,3 +99,83 @@ def collect_grads(group: dict, state: dict, buffer_names: Sequence[str]) -> tupl
                     st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(tuple(st[name] for name in buffer_names))
     return params, grads, buffers
+
+
+def _from_flags(group: dict) -> str | None:
+    """The path torch-style flags ask for (``fused=True``, ``foreach=True/False``), if any."""
+    if group.get("fused"):
+        return "compiled"
+    if group.get("foreach") is False:
+        return "single"
+    if group.get("foreach"):
+        return "foreach"
+    return None
+
+
+def check_implementation(group: dict, allowed: Sequence[str], owner: str) -> None:
+    """Refuse an unknown path, or flags that contradict it, at construction."""
+    choice = group.get("implementation", "auto")
+    if choice not in allowed:
+        raise ValueError(f"{owner}: implementation must be one of {', '.join(allowed)}; got {choice!r}")
+    flagged = _from_flags(group)
+    if choice != "auto" and flagged is not None and flagged != choice:
+        raise ValueError(
+            f"{owner}: implementation={choice!r} contradicts foreach={group.get('foreach')}, "
+            f"fused={group.get('fused')}; give one or the other"
+        )
+    if choice == "triton" and group["params"]:
+        from largebatch.optim._triton import check_usable
+
+        check_usable(group["params"][0].device, owner)
+
+
+def chosen_implementation(group: dict, device: torch.device) -> str:
+    """The path a group takes: an explicit choice, else torch-style flags, else the default.
+
+    The default is the Triton multi-tensor kernel for CUDA tensors (when triton is installed)
+    and the ``_foreach`` path on the CPU (see the optimizer's docstring for the measurement).
+    """
+    choice = group.get("implementation", "auto")
+    if choice != "auto":
+        return choice
+    flagged = _from_flags(group)
+    if flagged is not None:
+        return flagged
+    if device.type == "cuda":
+        from largebatch.optim._triton import triton_installed
+
+        if triton_installed():
+            return "triton"
+    return "foreach"
+
+
+def amp_scaling_supported(groups: Sequence[dict]) -> bool:
+    """True when every tensor goes through the Triton kernels, which unscale and skip on device.
+
+    GradScaler then hands the step its scale and inf flag instead of unscaling gradients in a
+    separate pass and reading the inf flag back to the host.
+    """
+    from largebatch.optim._triton import SUPPORTED_DTYPES, dense
+
+    for group in groups:
+        params = group["params"]
+        if not params or chosen_implementation(group, params[0].device) != "triton":
+            return False
+        for p in params:
+            if p.dtype not in SUPPORTED_DTYPES or not dense(p):
+                return False
+            if p.grad is not None and p.grad.stride() != p.stride():
+                return False
+    return True
+
+
+def load_keeping_path_choice(optimizer: torch.optim.Optimizer, load: Callable[[dict], None], state_dict: dict) -> None:
+    """torch's load_state_dict, except that each group keeps this process's PATH_KEYS.
+
+    A checkpoint written on a GPU with ``implementation="triton"`` then resumes on the CPU with
+    whatever this process asked for: the state (buffers, step counts) is the same on every path.
+    """
+    chosen = [{k: g[k] for k in PATH_KEYS if k in g} for g in optimizer.param_groups]
+    load(state_dict)
+    for group, keep in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(keep)

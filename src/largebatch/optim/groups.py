@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+__all__ = ["Selector", "is_bias_or_norm", "param_groups"]
+
 Selector = Callable[[str, Tensor], bool]
 
 

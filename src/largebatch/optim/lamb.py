@@ -6,7 +6,9 @@
     w <- w - lr * r * u
 
 Weight decay is decoupled (added to the Adam direction, not to the gradient). The step count
-is a tensor on the parameters' device, so bias correction never reads back to the host.
+is a float32 tensor on the parameters' device, so bias correction never reads back to the host,
+and the bias corrections are computed in float32 (float64 for float64 tensors) whatever the
+parameter dtype: in bf16, 0.999 rounds to 1 and 1 - b2^t would be 0.
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from largebatch.optim import _triton
 from largebatch.optim._common import (
+    accumulation_dtype,
+    amp_scaling_supported,
+    check_implementation,
     check_lr,
     check_nonnegative,
+    chosen_implementation,
     collect_grads,
     group_by_device_and_dtype,
+    load_keeping_path_choice,
     safe_ratio,
     tensor_norm,
     tensor_norms,
 )
 
 __all__ = ["LAMB"]
+
+_IMPLEMENTATIONS = ("auto", "triton", "foreach", "single")  # no compiled path for LAMB
 
 
 class LAMB(Optimizer):
@@ -40,7 +50,12 @@ class LAMB(Optimizer):
         betas: (b1, b2) for the first and second moments.
         eps: e, added to the root of the second moment.
         weight_decay: b, decoupled.
-        foreach: multi-tensor path (default True); False runs one tensor at a time.
+        implementation: ``"auto"`` (default: ``"triton"`` for CUDA tensors when triton is
+            installed, else ``"foreach"``), ``"triton"`` (three launches per group and dtype:
+            step counts, moments with norms, update), ``"foreach"`` or ``"single"``. As for
+            :class:`~largebatch.optim.LARS`, an explicit ``"triton"`` that cannot run is refused.
+        foreach: torch-style switch, kept for compatibility: True = ``"foreach"``,
+            False = ``"single"``.
     """
 
     def __init__(
@@ -52,6 +67,7 @@ class LAMB(Optimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        implementation: str = "auto",
     ) -> None:
         check_lr(lr)
         for i, beta in enumerate(betas):
@@ -61,9 +77,29 @@ class LAMB(Optimizer):
         check_nonnegative("weight_decay", weight_decay)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lars_adapt=True,
-            foreach=foreach,
+            foreach=foreach, implementation=implementation,
         )
         super().__init__(params, defaults)
+        self._tables: dict[Any, Any] = {}  # Triton path: packed address tables
+        for group in self.param_groups:
+            check_implementation(group, _IMPLEMENTATIONS, "LAMB")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._tables = {}
+        for group in self.param_groups:
+            group.setdefault("implementation", "auto")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
+        one this optimizer was built with: the saved state is the same on every path."""
+        load_keeping_path_choice(self, super().load_state_dict, state_dict)
+        self._tables = {}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by torch.amp.GradScaler: True when the Triton kernels unscale and skip themselves."""
+        return amp_scaling_supported(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
@@ -72,7 +108,7 @@ class LAMB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, grads, buffers = collect_grads(group, self.state, ("exp_avg", "exp_avg_sq"))
             if not params:
                 continue
@@ -82,11 +118,22 @@ class LAMB(Optimizer):
                 if "step" not in st:
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 steps.append(st["step"])
-            update = _single_tensor_lamb if group["foreach"] is False else _multi_tensor_lamb
+            implementation = chosen_implementation(group, params[0].device)
+            extra: dict[str, Any] = {}
+            if implementation == "triton":
+                update = _triton_lamb
+                extra = {"tables": self._tables, "group_index": index,
+                         "explicit": group.get("implementation") == "triton",
+                         "grad_scale": getattr(self, "grad_scale", None),
+                         "found_inf": getattr(self, "found_inf", None)}
+            elif implementation == "single":
+                update = _single_tensor_lamb
+            else:
+                update = _multi_tensor_lamb
             update(
                 params, grads, [b[0] for b in buffers], [b[1] for b in buffers], steps,
                 lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], adapt=group["lars_adapt"],
+                weight_decay=group["weight_decay"], adapt=group["lars_adapt"], **extra,
             )
         return loss
 
@@ -108,7 +155,7 @@ def _single_tensor_lamb(
         step.add_(1)
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        u = _direction(m, v, step.to(p.dtype), betas, eps)
+        u = _direction(m, v, step.to(accumulation_dtype(p.dtype)), betas, eps)
         if weight_decay != 0:
             u.add_(p, alpha=weight_decay)
         rate: float | Tensor = lr
@@ -130,7 +177,7 @@ def _multi_tensor_lamb(
         torch._foreach_add_(ms, gs, alpha=1 - b1)
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-        step = torch.stack(ts).to(ps[0].dtype)
+        step = torch.stack(ts).to(accumulation_dtype(ps[0].dtype))  # never bf16
         bias1 = list((1 - torch.pow(b1, step)).unbind(0))
         root_bias2 = list((1 - torch.pow(b2, step)).sqrt().unbind(0))
         # (m / bias1) / (sqrt(v) / sqrt(bias2) + eps), the same value as _direction
@@ -142,10 +189,32 @@ def _multi_tensor_lamb(
         if weight_decay != 0:
             torch._foreach_add_(u, ps, alpha=weight_decay)
         if adapt:
-            w_norm = tensor_norms(ps, foreach=True)
-            u_norm = tensor_norms(u, foreach=True)
+            w_norm = tensor_norms(ps)
+            u_norm = tensor_norms(u)
             rates = list((safe_ratio(w_norm, u_norm, w_norm, u_norm) * lr).unbind(0))
             torch._foreach_mul_(u, rates)
         else:
             torch._foreach_mul_(u, lr)
         torch._foreach_sub_(ps, u)
+
+
+def _triton_lamb(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, tables: dict[Any, Any], group_index: int, explicit: bool,
+    grad_scale: Tensor | None, found_inf: Tensor | None, **options: Any,
+) -> None:
+    """Triton kernels per (device, dtype) bucket; a dtype they lack is refused if asked for by name."""
+    for ps, gs, ms, vs, ts in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+        _triton.check_usable(ps[0].device, "LAMB")  # e.g. moved to the CPU after construction
+        if ps[0].dtype not in _triton.SUPPORTED_DTYPES:
+            if explicit:
+                raise TypeError(f"LAMB(implementation='triton') supports float32, bfloat16 and float16 "
+                                f"parameters, not {ps[0].dtype}")
+            _multi_tensor_lamb(ps, gs, ms, vs, ts, **options)
+            continue
+        prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), [ps, gs, ms, vs, ts], 4)
+        if prepared.odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
+            _single_tensor_lamb(*(_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts)), **options)
+        if prepared.table is not None:
+            _triton.lamb_step(prepared.table, _triton.take(ts, prepared.flat), grad_scale=grad_scale,
+                              found_inf=found_inf, **options)

@@ -1,0 +1,252 @@
+"""The Triton multi-tensor path of LARS and LAMB: tensor tables, their cache, and the launches.
+
+Two launches per parameter group and dtype, whatever the number of tensors: one for the
+per-chunk sums of squares, one for the update (LAMB: moments + sums, then the update). The
+table of addresses is built once per set of tensors and reused while every address stays the
+same (parameters and state buffers do not move; a gradient that was reallocated at another
+address rebuilds the table). Nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BLOCK",
+    "CHUNK",
+    "INTERPRETER_BLOCK",
+    "PBLOCK",
+    "SUPPORTED_DTYPES",
+    "Prepared",
+    "Table",
+    "TritonUnavailable",
+    "check_usable",
+    "dense",
+    "lamb_step",
+    "lars_step",
+    "prepare",
+    "split_flat",
+    "take",
+    "triton_installed",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CHUNK = 16384  # elements per program: large tensors spread over many programs
+BLOCK = 1024  # elements per vector operation inside a program
+INTERPRETER_BLOCK = 4096  # on CPU, numpy's cost is per operation, not per element
+PBLOCK = 64  # chunk sums added per vector operation in the second reduction
+
+
+class TritonUnavailable(RuntimeError):
+    """The Triton path was asked for where it cannot run."""
+
+
+@functools.cache
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_usable(device: torch.device, owner: str) -> None:
+    """Refuse, in one line, a Triton path that cannot run here (never replace it silently)."""
+    if not triton_installed():
+        raise TritonUnavailable(
+            f"{owner}(implementation='triton') needs the triton package, which is not installed; "
+            "use implementation='foreach'"
+        )
+    from largebatch.optim._triton_kernels import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        raise TritonUnavailable(
+            f"{owner}(implementation='triton') needs CUDA tensors (these are on {device}); "
+            "set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors, or use "
+            "implementation='foreach'"
+        )
+
+
+def dense(t: Tensor) -> bool:
+    """True when t covers exactly numel() consecutive elements (contiguous or a permutation)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order).is_contiguous()
+
+
+def split_flat(columns: list[list[Tensor]]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors the kernels can address as flat memory, and of the others.
+
+    ``columns`` are parallel lists of same-shaped tensors (parameter, gradient, buffers). A
+    kernel walks their memory in order, so they must be dense and laid out alike (channels_last
+    is fine when all of them are). The rare others take the single-tensor path.
+    """
+    flat, odd = [], []
+    for i, p in enumerate(columns[0]):
+        alike = all(col[i].shape == p.shape and col[i].stride() == p.stride() for col in columns)
+        (flat if alike and dense(p) else odd).append(i)
+    return flat, odd
+
+
+def take(items: list[Tensor], indices: list[int]) -> list[Tensor]:
+    """items[i] for i in indices (the list itself when that is all of it)."""
+    return items if len(indices) == len(items) else [items[i] for i in indices]
+
+
+@dataclass
+class Table:
+    """A packed table on the device, with the scratch space of the per-chunk sums."""
+
+    dtype: torch.dtype
+    vec: int  # elements per 16-byte vector access, or 1 when an address or a length forbids it
+    rows: Tensor  # int64 [tensors, columns + 3] on the device
+    chunks: Tensor  # int64 [chunks, 2]: (tensor index, first element)
+    partial_a: Tensor  # float32 [chunks]
+    partial_b: Tensor
+    n_chunks: int
+
+
+def _build(columns: list[list[Tensor]]) -> Table:
+    device = columns[0][0].device
+    rows, chunks = [], []
+    for i, p in enumerate(columns[0]):
+        n = p.numel()
+        count = -(-n // CHUNK)
+        rows.append([col[i].data_ptr() for col in columns] + [n, len(chunks), count])
+        chunks.extend([i, start] for start in range(0, n, CHUNK))
+    host_rows = torch.tensor(rows, dtype=torch.int64)
+    host_chunks = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+    if device.type == "cuda":  # pinned, so the copy is asynchronous
+        host_rows, host_chunks = host_rows.pin_memory(), host_chunks.pin_memory()
+    n_chunks = len(chunks)
+    return Table(
+        dtype=columns[0][0].dtype,
+        vec=_vector_width(columns),
+        rows=host_rows.to(device, non_blocking=True),
+        chunks=host_chunks.to(device, non_blocking=True),
+        partial_a=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
+        partial_b=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
+        n_chunks=n_chunks,
+    )
+
+
+@dataclass
+class Prepared:
+    """What one step of a (group, device, dtype) bucket needs, reused while no address changes."""
+
+    addresses: tuple[int, ...]
+    flat: list[int]  # indices of the tensors the kernels take
+    odd: list[int]  # indices of the others (single-tensor path)
+    table: Table | None
+
+
+def _vector_width(columns: list[list[Tensor]]) -> int:
+    """16 bytes' worth of elements when every address is 16-byte aligned and every length a
+    multiple of it (the kernels then load and store 128 bits at a time), else 1."""
+    vec = 16 // columns[0][0].element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for col in columns for t in col if t.dim() > 0)
+    return vec if aligned and all(p.numel() % vec == 0 for p in columns[0]) else 1
+
+
+def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int) -> Prepared:
+    """The split into kernel/odd tensors and the packed table, from ``cache`` when every address
+    (parameters, gradients, buffers) is the one it was built for: the per-step cost is then one
+    ``data_ptr()`` per tensor. ``columns[:elementwise]`` have the parameters' shape and layout."""
+    addresses = tuple(t.data_ptr() for col in columns for t in col)
+    entry = cache.get(key)
+    if entry is None or entry.addresses != addresses:
+        flat, odd = split_flat(columns[:elementwise])
+        table = _build([take(col, flat) for col in columns]) if flat else None
+        entry = Prepared(addresses, flat, odd, table)
+        cache[key] = entry
+    return entry
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _block() -> int:
+    from largebatch.optim._triton_kernels import interpreting
+
+    return INTERPRETER_BLOCK if interpreting() else BLOCK
+
+
+def _lr_args(lr: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, bool]:
+    """(pointer, value, is_tensor): a device tensor is read by the kernel, anything else is a value."""
+    if isinstance(lr, Tensor):
+        if lr.device == device:
+            return lr, 0.0, True
+        return dummy, float(lr), False  # a CPU scalar read on the host: no device sync
+    return dummy, float(lr), False
+
+
+def lars_step(
+    tab: Table, *, has_momentum: bool, lr: float | Tensor, momentum: float, weight_decay: float,
+    trust_coefficient: float, eps: float, nesterov: bool, clip: bool, adapt: bool,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One LARS update of the tensors of ``tab`` (one device and dtype), in two launches."""
+    from largebatch.optim._triton_kernels import compiled
+
+    if tab.n_chunks == 0:
+        return
+    n_columns = 3 if has_momentum else 2
+    common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
+                  CHUNK=CHUNK, BLOCK=_block())
+    grid = (tab.n_chunks,)
+    if adapt:
+        compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
+    dummy = tab.partial_a
+    lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
+    compiled("lars_update")[grid](
+        tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value,
+        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+        float(momentum), float(weight_decay), float(trust_coefficient), float(eps),
+        **common, PBLOCK=PBLOCK, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
+        ADAPT=bool(adapt), CLIP=bool(clip), LR_IS_TENSOR=lr_is_tensor,
+        HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+    )
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else -math.inf
+
+
+def lamb_step(
+    tab: Table, steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    weight_decay: float, adapt: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One LAMB update of the tensors of ``tab``: their step counts, then two launches."""
+    from largebatch.optim._triton_kernels import compiled
+
+    torch._foreach_add_(steps, 1)
+    if tab.n_chunks:
+        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
+                  CHUNK=CHUNK, BLOCK=_block())
+        grid = (tab.n_chunks,)
+        dummy = tab.partial_a
+        b1, b2 = (float(b) for b in betas)
+        found = found_inf if found_inf is not None else dummy
+        compiled("lamb_moments")[grid](
+            tab.rows, tab.chunks, tab.partial_a, tab.partial_b,
+            grad_scale if grad_scale is not None else dummy, found,
+            b1, b2, _log2(b1), _log2(b2), float(eps), float(weight_decay),
+            **common, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+        )
+        lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
+        compiled("lamb_update")[grid](
+            tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value, found,
+            _log2(b1), _log2(b2), float(eps), float(weight_decay),
+            **common, PBLOCK=PBLOCK, ADAPT=bool(adapt), LR_IS_TENSOR=lr_is_tensor,
+            HAS_FOUND_INF=found_inf is not None,
+        )
+    if found_inf is not None:  # a skipped step does not count
+        torch._foreach_sub_(steps, [found_inf.to(steps[0].dtype)] * len(steps))
