@@ -19,6 +19,7 @@ import yaml
 OPTIMIZERS = ("lars", "lamb", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPHS = ("auto", "on", "off")
 DECAYS = ("poly", "cosine", "step", "constant")
 SCALING_RULES = ("none", "linear", "sqrt")
 
@@ -87,13 +88,14 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     threads: int | None = None  # per process on CPU; default: cores / local processes
-    eval_every: int = 1  # epochs
+    eval_every: int = 1  # epochs; 0: no evaluation
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     keep_checkpoints: int = 2
     log_every: int = 1  # steps
     out: str = "runs/default"
     progress: bool = True
     dist_timeout_s: float = 600.0  # a collective waiting longer than this for a lost peer fails
+    cuda_graphs: str = "auto"  # replay each step as one CUDA graph: auto (where it is correct), on, off
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -250,6 +252,7 @@ def validate(config: TrainConfig) -> None:
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
+    _choice("cuda_graphs", config.cuda_graphs, CUDA_GRAPHS)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ("warmup_end", "zero"))
@@ -260,7 +263,7 @@ def validate(config: TrainConfig) -> None:
     _positive("batch_size", config.batch_size)
     _positive("epochs", config.epochs)
     _positive("data.eval_batch", config.data.eval_batch)
-    _positive("eval_every", config.eval_every)
+    _positive("eval_every", config.eval_every, allow_zero=True)
     _positive("log_every", config.log_every)
     _positive("keep_checkpoints", config.keep_checkpoints)
     _positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
