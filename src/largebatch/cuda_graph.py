@@ -11,8 +11,9 @@ captured graph removes the host from the step. What must stay true, and how:
   as one without graphs. State created during warm-up is zeroed, which is how largebatch's
   optimizers create it.
 - The learning rate is a device tensor filled before each replay, and the dropout generator is
-  reseeded before each replay (a replay reads the generator's current seed), so schedule and
-  exact resume work as without graphs.
+  reseeded before each replay (a replay reads the generator's current seed and offset); warm-up
+  and capture leave the generators as they found them. Schedule and exact resume therefore work
+  as without graphs.
 - A new input signature (shapes, dtypes, number of micro-batches) captures anew.
 
 The capture backend is swappable so that the logic runs (and is tested) without a GPU.
@@ -152,9 +153,11 @@ class GraphedStep:
         self.static_inputs = [(x.clone(), y.clone()) for x, y in batches]
         saved = {id(t): (t, t.detach().clone()) for t in self.state()}
         run = lambda: self.step_fn(self.static_inputs)  # noqa: E731
-        self.backend.warmup(run, self.warmup_steps)
-        self.outputs = ()
-        self._replay, self.outputs = self.backend.capture(run)
+        devices = sorted({x.device.index or 0 for x, _ in batches if x.device.type == "cuda"})
+        # the generators as the caller seeded them, for the replay that follows (dropout masks)
+        with torch.random.fork_rng(devices=devices):
+            self.backend.warmup(run, self.warmup_steps)
+            self._replay, self.outputs = self.backend.capture(run)
         self._restore(saved)
         self._signature = _signature(batches)
 
