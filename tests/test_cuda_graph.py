@@ -182,3 +182,30 @@ def test_cuda_auto_default_captures_a_small_batch_run(tmp_path):
     trainer = Trainer(config)
     assert trainer.graphed and trainer.graphs_reason == "on"
     assert trainer.run().steps == 8
+
+
+class _FailingCapture(EagerBackend):
+    def capture(self, fn):
+        fn()  # a capture dies part-way, after running some of the step
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_failed_capture_under_auto_goes_on_eagerly_from_a_clean_state(seed):
+    gen = torch.Generator().manual_seed(seed)
+    data = [_batches(gen) for _ in range(3)]
+    eager_model, eager_opt, eager_step, _, _ = _toy(seed)
+    model, opt, step, state, _ = _toy(seed)
+    told: list[str] = []
+    graphed = GraphedStep(step, state, backend=_FailingCapture(), on_failure=told.append)
+    for i, batches in enumerate(data):
+        torch.manual_seed(i)
+        want = eager_step(batches)[0]
+        torch.manual_seed(i)
+        assert torch.equal(graphed(batches)[0], want)
+    assert told == ["operation not permitted when stream is capturing"] and not graphed.captured
+    assert all(torch.equal(a, b) for a, b in zip(_everything(model, opt), _everything(eager_model, eager_opt),
+                                               strict=True))
+    _, _, other_step, other_state, _ = _toy(seed)
+    strict = GraphedStep(other_step, other_state, backend=_FailingCapture())
+    with pytest.raises(RuntimeError, match="not permitted"):  # cuda_graphs=on: the error stands
+        strict(data[0])

@@ -15,6 +15,8 @@ captured graph removes the host from the step. What must stay true, and how:
   and capture leave the generators as they found them. Schedule and exact resume therefore work
   as without graphs.
 - A new input signature (shapes, dtypes, number of micro-batches) captures anew.
+- With ``cuda_graphs=auto`` a capture that fails (an operation a graph cannot hold) is reported
+  in one line and the run goes on with eager steps; with ``on`` it is an error.
 
 The capture backend is swappable so that the logic runs (and is tested) without a GPU.
 """
@@ -124,8 +126,11 @@ class GraphedStep:
     """
 
     def __init__(self, step_fn: StepFn, state: Callable[[], Iterable[Tensor]], *,
-                 backend: CaptureBackend | None = None, warmup_steps: int = WARMUP_STEPS) -> None:
+                 backend: CaptureBackend | None = None, warmup_steps: int = WARMUP_STEPS,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.step_fn = step_fn
+        self.on_failure = on_failure  # None: a failed capture raises; else told why, then eager steps
+        self.failed: str | None = None
         self.state = state
         self.backend = backend if backend is not None else CudaBackend()
         self.warmup_steps = warmup_steps
@@ -139,8 +144,17 @@ class GraphedStep:
         return self._replay is not None
 
     def __call__(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        if self.failed is not None:
+            return self.step_fn(batches)
         if self._signature != _signature(batches):
-            self._capture(batches)
+            try:
+                self._capture(batches)
+            except RuntimeError as err:
+                if self.on_failure is None:
+                    raise
+                self.failed = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                self.on_failure(self.failed)
+                return self.step_fn(batches)
         for (static_x, static_y), (x, y) in zip(self.static_inputs, batches, strict=True):
             static_x.copy_(x)
             static_y.copy_(y)
@@ -155,10 +169,12 @@ class GraphedStep:
         run = lambda: self.step_fn(self.static_inputs)  # noqa: E731
         devices = sorted({x.device.index or 0 for x, _ in batches if x.device.type == "cuda"})
         # the generators as the caller seeded them, for the replay that follows (dropout masks)
-        with torch.random.fork_rng(devices=devices):
-            self.backend.warmup(run, self.warmup_steps)
-            self._replay, self.outputs = self.backend.capture(run)
-        self._restore(saved)
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self.backend.warmup(run, self.warmup_steps)
+                self._replay, self.outputs = self.backend.capture(run)
+        finally:
+            self._restore(saved)  # also after a failed capture: the eager step then starts clean
         self._signature = _signature(batches)
 
     @torch.no_grad()

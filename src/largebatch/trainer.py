@@ -223,7 +223,12 @@ class Trainer:
             self.config.cuda_graphs, device=self.env.device, distributed=self.env.distributed,
             fp16=self.scaler.is_enabled(), optimizer=self.config.optim.name, input_bytes=input_bytes,
         )
-        return GraphedStep(self._compute_step, self._step_state) if use else self._compute_step
+        if not use:
+            return self._compute_step
+        on_failure = None
+        if self.config.cuda_graphs == "auto":
+            on_failure = lambda why: self.progress.message(f"cuda graphs off: capture failed ({why})")  # noqa: E731
+        return GraphedStep(self._compute_step, self._step_state, on_failure=on_failure)
 
     # ---- run directory and checkpoints --------------------------------------------------------
 
