@@ -181,6 +181,7 @@ def test_cuda_auto_default_captures_a_small_batch_run(tmp_path):
     config = load_config(None, small_config(tmp_path, "auto", device="cuda"))
     trainer = Trainer(config)
     assert trainer.graphed and trainer.graphs_reason == "on"
+    assert torch.backends.cudnn.benchmark  # fixed shapes: autotuned once
     assert trainer.run().steps == 8
 
 
