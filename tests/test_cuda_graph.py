@@ -210,3 +210,34 @@ def test_a_failed_capture_under_auto_goes_on_eagerly_from_a_clean_state(seed):
     strict = GraphedStep(other_step, other_state, backend=_FailingCapture())
     with pytest.raises(RuntimeError, match="not permitted"):  # cuda_graphs=on: the error stands
         strict(data[0])
+
+
+def test_cuda_warm_up_runs_on_a_side_stream_ordered_both_ways(monkeypatch):
+    from largebatch import cuda_graph
+
+    events: list[str] = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    main, active = FakeStream("main"), []
+
+    class FakeContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            active.append(self.stream.name)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    monkeypatch.setattr(cuda_graph.torch.cuda, "Stream", lambda: FakeStream("side"))
+    monkeypatch.setattr(cuda_graph.torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(cuda_graph.torch.cuda, "stream", FakeContext)
+    cuda_graph.CudaBackend().warmup(lambda: events.append(f"step on {active[-1]}"), steps=2)
+    assert events == ["side waits for main", "step on side", "step on side", "main waits for side"]
