@@ -241,3 +241,16 @@ def test_cuda_warm_up_runs_on_a_side_stream_ordered_both_ways(monkeypatch):
     monkeypatch.setattr(cuda_graph.torch.cuda, "stream", FakeContext)
     cuda_graph.CudaBackend().warmup(lambda: events.append(f"step on {active[-1]}"), steps=2)
     assert events == ["side waits for main", "step on side", "step on side", "main waits for side"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("on", "cuda_graphs=on cannot be used: it needs a CUDA device; set cuda_graphs=auto or off"),
+    ("sometimes", "cuda_graphs must be one of auto, on, off; got 'sometimes'"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on is valid where CUDA exists")
+def test_cli_refuses_cuda_graphs_it_cannot_honour_in_one_line(tmp_path, capsys, value, message):
+    from test_bad_input import run_cli, synthetic_args
+
+    code, line = run_cli(synthetic_args(tmp_path, "--set", f"cuda_graphs={value}"), capsys)
+    assert (code, line) == (2, f"largebatch: error: {message}")
+    assert not (tmp_path / "run").exists()

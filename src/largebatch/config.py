@@ -95,7 +95,9 @@ class TrainConfig:
     out: str = "runs/default"
     progress: bool = True
     dist_timeout_s: float = 600.0  # a collective waiting longer than this for a lost peer fails
-    cuda_graphs: str = "auto"  # replay each step as one CUDA graph: auto (where it is correct), on, off
+    # replay each step as one CUDA graph: auto (where it is correct), on, off (YAML reads on/off as
+    # booleans: accepted as such)
+    cuda_graphs: str | bool = "auto"
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -252,6 +254,8 @@ def validate(config: TrainConfig) -> None:
     _choice("optim.name", config.optim.name, OPTIMIZERS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
+    if isinstance(config.cuda_graphs, bool):
+        config.cuda_graphs = "on" if config.cuda_graphs else "off"
     _choice("cuda_graphs", config.cuda_graphs, CUDA_GRAPHS)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
