@@ -144,3 +144,30 @@ def test_demo_recipe_learns_fashion_mnist_in_a_short_run(tmp_path):
 
     result = train(demo_config(out=str(tmp_path / "demo"), epochs=4, progress=False))
     assert result.top1 is not None and result.top1 > 78.0  # 82.6% measured here (40 epochs: 91.1%)
+
+
+def test_save_before_run_writes_a_checkpoint_of_the_initial_model(tmp_path):
+    trainer = Trainer(load_config(None, small_config(tmp_path, "run")))
+    trainer.save()  # the divergence flags exist before run() starts
+    saved = load_checkpoint(step_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert saved["step"] == 0
+    assert all(torch.equal(saved["model"][k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_eval_every_zero_turns_evaluation_off(tmp_path):
+    result = train(load_config(None, small_config(tmp_path, "run", eval_every=0)))
+    rows = metric_rows(tmp_path / "run")
+    assert [r["kind"] for r in rows] == ["train"] * 8  # log_every 1, no eval rows
+    assert result.top1 is None and not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert result.steps == 8 and final_weights(tmp_path / "run")  # still trained and checkpointed
+
+
+def test_first_line_names_the_input_shape_and_few_steps_are_warned(tmp_path, capsys):
+    train(load_config(None, small_config(tmp_path, "ok", epochs=1)))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("mlp on synthetic (input 1x8x8): global batch 128") and "warning" not in first
+    train(load_config(None, small_config(tmp_path, "few", batch_size=256, epochs=1)))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("warning: batch_size 256 gives only 2 step(s) per epoch of 512 examples; "
+                        "warm-up and decay get little room (a smaller batch_size helps)")
+    assert sum("warning" in line for line in lines) == 1

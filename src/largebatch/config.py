@@ -58,6 +58,7 @@ __all__ = [
 OPTIMIZERS = ("lars", "lamb", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_GRAPHS = ("auto", "on", "off")
 SCALING_RULES = ("none", "linear", "sqrt")
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -156,6 +157,8 @@ class TrainConfig:
     out: str = described("runs/default", "run directory")
     progress: bool = described(True, "progress line on rank 0")
     dist_timeout_s: float = described(600.0, "a collective waiting longer than this for a lost peer fails")
+    cuda_graphs: str | bool = described(
+        "auto", "replay each step as one CUDA graph: auto (where it is correct), on or off")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -362,6 +365,9 @@ def validate(config: TrainConfig) -> None:
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)
+    if isinstance(config.cuda_graphs, bool):
+        config.cuda_graphs = "on" if config.cuda_graphs else "off"
+    _choice("cuda_graphs", config.cuda_graphs, CUDA_GRAPHS)
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ORIGINS)

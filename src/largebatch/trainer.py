@@ -7,14 +7,21 @@ on how the global batch is split. The learning rate is a pure function of the gl
 the data order a pure function of (seed, epoch, step); dropout is reseeded from (seed, rank,
 step) each step. A checkpoint therefore needs only weights, optimizer state and the step count to
 continue exactly as an uninterrupted run.
+
+The loop reads as its phases: a step (device work only), the divergence guard (device flags),
+then logging, evaluation and checkpoints, each decided by a small predicate. Only those last
+three make the host wait for the device. On CUDA a step can be replayed as one captured graph
+(``cuda_graphs``; see :mod:`largebatch.cuda_graph`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from largebatch import checkpoint as ckpt
 from largebatch import faults
 from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
+from largebatch.cuda_graph import GraphedStep, graphs_decision
 from largebatch.data import DataSource, build_dataset
+from largebatch.data.base import Batch
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, compress_gradients, init_distributed
-from largebatch.errors import DivergenceError, Preempted
+from largebatch.errors import Preempted
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
+from largebatch.train_step import DeviceLearningRate, DivergenceError, DivergenceGuard, grads_finite, step_seed
 
 
 @dataclass
@@ -94,9 +104,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed for a step's randomness (dropout): a function of the position, not of history."""
-    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
+FEW_STEPS_PER_EPOCH = 4  # fewer steps than this per epoch: warm-up and decay have little room
 
 
 class Trainer:
@@ -115,6 +123,8 @@ class Trainer:
         if self.env.device.type == "cpu":
             cores = os.cpu_count() or 1
             torch.set_num_threads(config.threads or max(1, cores // max(1, self.env.local_world_size)))
+        else:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
 
         self.data: DataSource = build_dataset(
             config.data.name, root=config.data.root, device=self.env.device, seed=config.seed,
@@ -137,6 +147,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the module whose state is saved
         self.optimizer = build_optimizer(config, model, self.schedule(0))
+        self.learning_rate = DeviceLearningRate(self.optimizer, self.env.device, as_tensor=config.optim.name != "sgd")
         self.amp_dtype = autocast_dtype(config.precision, self.env.device)
         self.scaler = torch.amp.GradScaler(
             self.env.device.type, enabled=self.amp_dtype == torch.float16
@@ -147,6 +158,9 @@ class Trainer:
                          gradient_as_bucket_view=True)
             compress_gradients(runner, config.dist.grad_dtype)
         self.runner = runner
+        self.guard = DivergenceGuard(self.env.device)
+        self._step = self._make_step()
+        self.graphed = isinstance(self._step, GraphedStep)
 
         self.step = 0
         self.best_top1 = -1.0
@@ -170,6 +184,20 @@ class Trainer:
             if key in accepted and key not in options:
                 options[key] = value
         return options
+
+    def _make_step(self) -> Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]:
+        """The eager step, or the same step captured as a CUDA graph where ``cuda_graphs`` allows it."""
+        input_bytes = self.accumulation * self.micro_batch * (4 * math.prod(self.data.input_shape) + 8)
+        use, self.graphs_reason = graphs_decision(
+            self.config.cuda_graphs, device=self.env.device, distributed=self.env.distributed,
+            fp16=self.scaler.is_enabled(), optimizer=self.config.optim.name, input_bytes=input_bytes,
+        )
+        if not use:
+            return self._compute_step
+        on_failure = None
+        if self.config.cuda_graphs == "auto":
+            on_failure = lambda why: self.progress.message(f"cuda graphs off: capture failed ({why})")  # noqa: E731
+        return GraphedStep(self._compute_step, self._step_state, on_failure=on_failure)
 
     # ---- run directory and checkpoints --------------------------------------------------------
 
@@ -231,55 +259,61 @@ class Trainer:
         self._agree(error)
 
     def _check_finite(self) -> None:
-        """One all-reduce of the divergence flags kept on the device since the last check."""
-        flags = all_reduce_sum(self._bad.clone())
-        if flags.item() > 0:
-            # the earliest step at which any rank saw it (ranks that saw nothing hold -1)
-            first = torch.where(self._first_bad < 0, float(self.total_steps), self._first_bad)
-            if torch.distributed.is_initialized() and self.env.distributed:
-                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            step = int(first.item())
+        """Read the divergence guard (one all-reduce, one host read): stop at the first bad step."""
+        step = self.guard.first_bad_step(never=self.total_steps)
+        if step is not None:
             raise DivergenceError(
                 f"non-finite loss or gradient at step {step} (lr {self.schedule(max(step, 0)):.4g}); "
                 f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
             )
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- one step -----------------------------------------------------------------------------
 
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits under the run's autocast and memory format: the one forward of train and eval."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.runner(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.optim.label_smoothing)
+        # a captured graph must not keep autocast's cast cache (its tensors would be freed under it)
+        with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                            cache_enabled=not self.graphed):
+            return self.runner(x).float()
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One global step; returns this rank's mean loss (a tensor: no host sync here)."""
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One global step: (this rank's mean loss, all gradients finite) as device tensors, no host sync.
+
+        Under CUDA graphs both are the graph's static outputs, overwritten by the next step.
+        """
         self.runner.train()
         torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.step))
-        self._set_lr(self.schedule(self.step))
+        self.learning_rate.set(self.schedule(self.step))
+        return self._step(micro_batches)
+
+    def _compute_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and update: the part a CUDA graph captures (device work only)."""
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.env.device)
         last = len(micro_batches) - 1
         for i, (x, y) in enumerate(micro_batches):
-            sync = self.env.distributed and i < last
-            with self.runner.no_sync() if sync else contextlib.nullcontext():
-                loss = self._forward_loss(x, y)
+            skip_allreduce = self.env.distributed and i < last  # DDP all-reduces on the last micro-batch
+            with self.runner.no_sync() if skip_allreduce else contextlib.nullcontext():
+                loss = F.cross_entropy(self.forward(x), y, label_smoothing=self.config.optim.label_smoothing)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_ok = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        if self.scaler.is_enabled():  # fp16 overflow is the scaler's business: it skips the step
+            grad_ok = torch.ones((), dtype=torch.bool, device=self.env.device)
+        else:  # otherwise a bad gradient is fatal
+            grad_ok = grads_finite(list(self.model.parameters()), self.env.device)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        mean = total / len(micro_batches)
-        # fp16 overflow is the scaler's business (it skips the step); otherwise a bad gradient is fatal
-        self._last_grad_ok = grad_ok | torch.tensor(self.scaler.is_enabled(), device=grad_ok.device)
-        return mean
+        return total / len(micro_batches), grad_ok
+
+    def _step_state(self) -> Iterator[torch.Tensor]:
+        """Every tensor a step changes: parameters, buffers (BatchNorm statistics), optimizer state."""
+        yield from self.model.parameters()
+        yield from self.model.buffers()
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -287,13 +321,9 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.env.device)  # loss, top1, top5, count
         topk = 5 if self.data.num_classes > 5 else 1
         for x, y in self.data.eval_batches(self.config.data.eval_batch, self.env.rank, self.env.world_size):
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.runner(x).float()
+            logits = self.forward(x)
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            top = logits.topk(topk, dim=1).indices
-            hits = top == y[:, None]
+            hits = logits.topk(topk, dim=1).indices == y[:, None]
             sums[1] += hits[:, 0].sum()
             sums[2] += hits.any(dim=1).sum()
             sums[3] += y.numel()
@@ -303,80 +333,75 @@ class Trainer:
         result["top5"] = 100.0 * top5 / count if topk == 5 else None
         return result
 
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _end_of_epoch(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
+    def should_log(self) -> bool:
+        """Every ``log_every`` steps and at the end of each epoch: the only steps that read the device."""
+        return self.step % self.config.log_every == 0 or self._end_of_epoch()
+
+    def should_evaluate(self) -> bool:
+        """At the end of every ``eval_every``-th epoch and of the run; never with ``eval_every`` 0."""
+        every = self.config.eval_every
+        if every == 0 or not self._end_of_epoch():
+            return False
+        return (self.step // self.steps_per_epoch) % every == 0 or self.step == self.total_steps
+
+    def should_checkpoint(self, stop: bool) -> bool:
+        """Every ``checkpoint_every`` steps (0: each epoch's end), at the end of the run, and on a stop."""
+        every = self.config.checkpoint_every
+        periodic = self.step % every == 0 if every else self._end_of_epoch()
+        return periodic or self.step == self.total_steps or stop
+
+    def _batches(self) -> Iterator[list[Batch]]:
+        """Each step's micro-batches from the current step to the end of the run, epoch after epoch."""
+        cfg, env = self.config, self.env
+        while self.step < self.total_steps:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            yield from self.data.train_batches(
+                epoch, cfg.batch_size, self.micro_batch, env.rank, env.world_size, start_step=in_epoch
+            )
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
 
     def run(self) -> RunResult:
-        cfg, env = self.config, self.env
         t_start = time.perf_counter()
         writer: MetricsWriter | None = None
         start_step, finished = self.step, False
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
-        self._bad = torch.zeros((), device=env.device)
-        self._first_bad = torch.full((), -1.0, device=env.device)
         last_eval: dict[str, Any] = {}
-        self.progress.message(
-            f"{cfg.model.name} on {cfg.data.name}: global batch {cfg.batch_size} = {env.world_size} "
-            f"process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
-            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
-            f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}"
-        )
+        self._announce()
         try:
-            if env.is_main:
+            if self.env.is_main:
                 writer = MetricsWriter(self.run_dir, resume_after_step=self.step, notice=self.progress.message)
-            window = _Window(env.device)
-            while self.step < self.total_steps:
-                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                batches = self.data.train_batches(
-                    epoch, cfg.batch_size, self.micro_batch, env.rank, env.world_size, start_step=in_epoch
-                )
-                while True:
-                    t_data = time.perf_counter()
-                    micro = next(batches, None)
-                    window.data_s += time.perf_counter() - t_data
-                    if micro is None:
-                        break
-                    lr = self.schedule(self.step)
-                    loss = self.train_step(micro)
-                    step_bad = (~loss.isfinite()) | (~self._last_grad_ok)
-                    self._first_bad = torch.where(step_bad & (self._first_bad < 0), float(self.step), self._first_bad)
-                    self._bad = self._bad + step_bad
-                    window.add(loss)
-                    self.step += 1
-                    if self.step == start_step + 1:
-                        self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
-                    faults.maybe_kill("step", self.step, env.rank)
-                    end_of_epoch = self.step % self.steps_per_epoch == 0
-                    stop = records_failed = False
-                    if self.step % cfg.log_every == 0 or end_of_epoch:
-                        self._check_finite()
-                        mean_loss, stop, records_failed = window.reduce(
-                            self._stop_requested, writer is not None and writer.error is not None)
-                        row = {
-                            "kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                            "lr": lr, "loss": mean_loss, "img_per_s": window.steps * cfg.batch_size / window.seconds(),
-                            "data_time_s": window.data_s, "elapsed_s": time.perf_counter() - t_start,
-                        }
-                        if writer:
-                            writer.write(row)
-                        self.progress.update(self.step, epoch, lr, mean_loss, row["img_per_s"])
-                        window = _Window(env.device)
-                    if end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or self.step == self.total_steps):
-                        last_eval = self.evaluate()
-                        self._report_eval(writer, epoch, last_eval, time.perf_counter() - t_start)
-                        if last_eval["top1"] > self.best_top1:
-                            self.best_top1 = last_eval["top1"]
-                            self.save("best.pt")
-                        window.restart()
-                    periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    last = self.step == self.total_steps
-                    if periodic or (not cfg.checkpoint_every and end_of_epoch) or last or stop or records_failed:
-                        self.save()
-                        window.restart()
-                    if records_failed:
-                        raise RunRecordError(self._records_failed_message(writer))
-                    if stop:
-                        raise Preempted(f"stopped by SIGTERM; checkpoint written at step {self.step} in {self.run_dir}")
+            window = _Window(self.env.device)
+            for micro, data_s in _timed(self._batches()):
+                window.data_s += data_s
+                lr = self.schedule(self.step)
+                loss, grad_ok = self.train_step(micro)
+                self.guard.observe(self.step, loss, grad_ok)
+                window.add(loss)
+                self.step += 1
+                if self.step == start_step + 1:
+                    self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
+                faults.maybe_kill("step", self.step, self.env.rank)
+                stop = records_failed = False
+                if self.should_log():
+                    stop, records_failed = self._log(writer, window, lr, time.perf_counter() - t_start)
+                    window = _Window(self.env.device)
+                if self.should_evaluate():
+                    last_eval = self._evaluate_and_keep_best(writer, time.perf_counter() - t_start)
+                    window.restart()
+                if self.should_checkpoint(stop or records_failed):
+                    self.save()
+                    window.restart()
+                if records_failed:
+                    raise RunRecordError(self._records_failed_message(writer))
+                if stop:
+                    raise Preempted(f"stopped by SIGTERM; checkpoint written at step {self.step} in {self.run_dir}")
             if writer is not None and writer.error is not None:  # the last row could not be written
                 raise RunRecordError(self._records_failed_message(writer))
             finished = True
@@ -387,7 +412,7 @@ class Trainer:
                 writer.close()
             if not finished:  # a run refused before its first step takes away what it created
                 self.rundir.close(discard=self.step == start_step)
-        if env.is_main:
+        if self.env.is_main:
             try:
                 write_plots(self.run_dir)
             except (OSError, RunRecordError) as err:
@@ -401,14 +426,70 @@ class Trainer:
         return (f"{reason}; stopped at step {self.step} with its checkpoint in {self.run_dir / 'checkpoints'}; "
                 "make room, then continue with --resume auto")
 
-    def _report_eval(self, writer: MetricsWriter | None, epoch: int, result: dict[str, Any], elapsed: float) -> None:
+    def _announce(self) -> None:
+        """The run's first line (what runs, on what input, how), and a warning for very few steps."""
+        cfg, env = self.config, self.env
+        shape = "x".join(str(n) for n in self.data.input_shape)
+        graphs = f", cuda graphs {self.graphs_reason}" if env.device.type == "cuda" else ""
+        self.progress.message(
+            f"{cfg.model.name} on {cfg.data.name} (input {shape}): global batch {cfg.batch_size} = "
+            f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
+            f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}{graphs}"
+        )
+        if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
+            self.progress.message(
+                f"warning: batch_size {cfg.batch_size} gives only {self.steps_per_epoch} step(s) per epoch of "
+                f"{self.data.num_train} examples; warm-up and decay get little room (a smaller batch_size helps)"
+            )
+
+    def _log(self, writer: MetricsWriter | None, window: _Window, lr: float, elapsed: float) -> tuple[bool, bool]:
+        """A log line: read the guard and the window (the host waits here).
+
+        Returns (a rank asked to stop, rank 0 could not write its records), agreed by every rank.
+        """
+        self._check_finite()
+        records_failed = writer is not None and writer.error is not None
+        mean_loss, stop, records_failed = window.reduce(self._stop_requested, records_failed)
+        epoch = (self.step - 1) // self.steps_per_epoch
+        row = {
+            "kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+            "lr": lr, "loss": mean_loss, "img_per_s": window.steps * self.config.batch_size / window.seconds(),
+            "data_time_s": window.data_s, "elapsed_s": elapsed,
+        }
+        if writer:
+            writer.write(row)
+        self.progress.update(self.step, epoch, lr, mean_loss, row["img_per_s"])
+        return stop, records_failed
+
+    def _evaluate_and_keep_best(self, writer: MetricsWriter | None, elapsed: float) -> dict[str, Any]:
+        result = self.evaluate()
+        self._report_eval(writer, self.step // self.steps_per_epoch, result, elapsed)
+        if result["top1"] > self.best_top1:
+            self.best_top1 = result["top1"]
+            self.save("best.pt")
+        return result
+
+    def _report_eval(self, writer: MetricsWriter | None, epochs_done: int, result: dict[str, Any],
+                     elapsed: float) -> None:
         if writer is None:
             return
-        writer.write({"kind": "eval", "step": self.step, "epoch": epoch + 1, "elapsed_s": elapsed, **result})
+        writer.write({"kind": "eval", "step": self.step, "epoch": epochs_done, "elapsed_s": elapsed, **result})
         top5 = f" top-5 {result['top5']:.2f}%" if result["top5"] is not None else ""
         self.progress.message(
-            f"epoch {epoch + 1}: eval loss {result['eval_loss']:.4f} top-1 {result['top1']:.2f}%{top5}"
+            f"epoch {epochs_done}: eval loss {result['eval_loss']:.4f} top-1 {result['top1']:.2f}%{top5}"
         )
+
+
+def _timed(batches: Iterable[Any]) -> Iterator[tuple[Any, float]]:
+    """Each item with the seconds spent waiting for it (the data loader's share of a step)."""
+    iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        item = next(iterator, None)
+        if item is None:
+            return
+        yield item, time.perf_counter() - t0
 
 
 class _Window:
@@ -450,4 +531,4 @@ def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = F
     return Trainer(config, resume=resume, overwrite=overwrite).run()
 
 
-__all__ = ["DivergenceError", "Preempted", "RunResult", "Trainer", "train"]
+__all__ = ["DivergenceError", "Preempted", "RunResult", "Trainer", "step_seed", "train"]
