@@ -217,3 +217,27 @@ def test_workers_ignore_sigterm_from_others_but_obey_their_main_process(tmp_path
         w.terminate()
         w.join(timeout=10)
     assert [w.exitcode for w in workers] == [0, 0]
+
+
+def test_workers_are_born_with_sigterm_blocked(tmp_path, monkeypatch):
+    """A signal to the whole process group can reach a worker between its fork and its own
+    handling (seen under load: 'DataLoader worker exited unexpectedly' instead of exit 143), so
+    workers must inherit a mask that already blocks SIGTERM, and the main process must get its
+    own mask back once they are started."""
+    import importlib
+
+    imagefolder = importlib.import_module("largebatch.data.imagefolder")
+    record = tmp_path / "masks"
+    original = imagefolder._ignore_sigterm_from_others
+
+    def recording_init(worker_id: int) -> None:
+        with open(record, "a") as f:  # the mask as inherited, before our own handling runs
+            f.write(f"{signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])}\n")
+        original(worker_id)
+
+    monkeypatch.setattr(imagefolder, "_ignore_sigterm_from_others", recording_init)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    src = open_folder(write_tree(tmp_path / "images"), workers=2)
+    collect(src.train_batches(0, 12, 6, 0, 1))
+    assert record.read_text().split() == ["True", "True"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -28,6 +28,7 @@ counts it; in training the sample is replaced by the next readable file in the l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -99,6 +100,23 @@ def _ignore_sigterm_from_others(worker_id: int) -> None:
                 os._exit(0)  # as torch's own worker handler: a non-zero status would be reported as a crash
 
     threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _workers_born_deaf_to_sigterm() -> Iterator[None]:
+    """Start loader workers with SIGTERM already blocked (a forked child inherits the mask).
+
+    Between a worker's fork and its ``worker_init_fn`` a signal to the whole process group would
+    still kill it (under load that gap is long enough to hit). The main process restores its own
+    mask at once, and a SIGTERM that came meanwhile is delivered to it then."""
+    if not hasattr(signal, "sigwaitinfo"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Images(Dataset):
@@ -280,7 +298,8 @@ class ImageFolderSource(DataSource):
         """Feed ``batches`` through a loader; yield (uint8 x on the device, y, keep-mask or None)."""
         loader, sampler, images = self._loaders[name]
         sampler.batches = batches
-        it = iter(loader)
+        with _workers_born_deaf_to_sigterm():  # persistent workers start here, on the first call
+            it = iter(loader)
         while True:
             try:
                 raw = next(it)
