@@ -66,7 +66,7 @@ GRAD_DTYPES = ("fp32", "bf16", "fp16")
 RESUMABLE_CHANGES = {
     "progress", "log_every", "threads", "out", "eval_every", "checkpoint_every", "keep_checkpoints",
     "device", "micro_batch", "data.root", "data.eval_batch", "model.compile", "optim.fused", "optim.implementation",
-    "dist_timeout_s",
+    "dist_timeout_s", "cuda_graphs",
 }
 
 
