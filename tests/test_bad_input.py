@@ -48,6 +48,8 @@ def synthetic_args(tmp_path: Path, *extra: str) -> list[str]:
         (["--set", "schedule.warmup_epochs=5"], "schedule.warmup_epochs 5.0 exceeds epochs 1"),
         (["--batch-size", "128"], "batch_size 128 exceeds the training set (64 examples)"),
         (["--workers", "2"], "dataset 'synthetic' has no option 'workers'; its options are: shape"),
+        (["--set", "data.options.pad=-1"], "data.options.pad must be an integer >= 0, got -1"),
+        (["--set", "data.options.shape=[a,b,c]"], "synthetic shape must be (C, H, W) of positive integers, got "),
     ],
 )
 def test_bad_settings_are_refused_with_one_line(tmp_path, capsys, args, message):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from largebatch.data.base import DataError
+
 __all__ = ["CropFlip", "CropFlipDraws", "crop_flip"]
 
 
@@ -41,8 +43,8 @@ class CropFlip:
     flip: bool = True
 
     def __post_init__(self) -> None:
-        if self.pad < 0:
-            raise ValueError(f"pad must be >= 0, got {self.pad!r}")
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
+            raise DataError(f"data.options.pad must be an integer >= 0, got {self.pad!r}")
 
     def draw(self, n: int, generator: torch.Generator) -> CropFlipDraws:
         """Draws for n images, in a fixed order (dy, dx, flip), on the CPU."""

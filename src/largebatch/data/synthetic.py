@@ -69,9 +69,10 @@ def synthetic(
     """Random images of ``shape`` (C, H, W; the model's input shape when built for a model, else
     3x224x224); ``root`` is ignored. 65,536 train / 10,000 eval examples and 1000 classes by
     default, repeating a pool of ``pool_size``."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise DataError(f"synthetic shape must be (C, H, W) of positive sizes, got {shape!r}")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise DataError(f"synthetic shape must be (C, H, W) of positive integers, got {shape!r}")
+    shape = tuple(shape)
     for name, value in (("num_classes", num_classes), ("num_train", num_train), ("pool_size", pool_size)):
         if not isinstance(value, int) or value < 1:
             raise DataError(f"synthetic {name} must be a positive integer, got {value!r}")
