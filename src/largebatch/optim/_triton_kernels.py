@@ -11,12 +11,14 @@ so, and loads and stores move 128 bits at a time.
 
 The functions are plain Python until :func:`compiled` hands them to ``triton.jit``, which reads
 ``TRITON_INTERPRET`` at that moment: the same source runs compiled on a GPU or interpreted on CPU
-tensors.
+tensors. The kernels share a few helpers (the ``_``-prefixed functions below), jitted the same way
+and bound into each kernel's globals for that mode, so a compiled kernel inlines them.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable
 
 import triton
@@ -38,23 +40,70 @@ if _sum_combine is None:  # pragma: no cover - a triton without it
 # exp_avg_sq, step), then numel, first chunk, number of chunks. NUMEL is the numel column.
 
 
-def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl.constexpr,
-               DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Sums of squares of w and g over one chunk."""
-    pid = tl.program_id(0)
+def _column(row, k, DT: tl.constexpr, VEC: tl.constexpr):
+    """Column k of a table row as a DT pointer; 16-byte aligned when VEC > 1 (checked on the host),
+    which lets loads and stores move 128 bits."""
+    ptr = tl.load(row + k).to(tl.pointer_type(DT))
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+def _chunk_range(table, chunks, pid, ROW: tl.constexpr, NUMEL: tl.constexpr, VEC: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """Chunk pid's table row and its [start, end) in that tensor."""
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = table + t * ROW
-    w_ptr = tl.load(row).to(tl.pointer_type(DT))
-    if VEC > 1:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
-    if VEC > 1:
-        g_ptr = tl.multiple_of(g_ptr, 16)
     end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
     if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
         start = tl.multiple_of(start, VEC)
         end = tl.multiple_of(end, VEC)
+    return row, start, end
+
+
+def _end_unless_inf(start, end, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """end, or start when inf/NaN gradients were found somewhere: an empty range, nothing is written."""
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
+    return end
+
+
+def _rate(lr_ptr, lr, LR_IS_TENSOR: tl.constexpr):
+    """The learning rate: the float argument, or read on the device from a tensor."""
+    rate = lr
+    if LR_IS_TENSOR:
+        rate = tl.load(lr_ptr).to(tl.float32)
+    return rate
+
+
+def _tensor_norms(row, partial_a, partial_b, NUMEL: tl.constexpr, PBLOCK: tl.constexpr):
+    """The square roots of a tensor's two per-chunk sums: the second, fixed-order reduction."""
+    first = tl.load(row + NUMEL + 1)
+    count = tl.load(row + NUMEL + 2)
+    sa = tl.full([PBLOCK], 0.0, tl.float32)
+    sb = tl.full([PBLOCK], 0.0, tl.float32)
+    for c in range(0, count, PBLOCK):
+        cidx = c + tl.arange(0, PBLOCK)
+        cmask = cidx < count
+        sa += tl.load(partial_a + first + cidx, mask=cmask, other=0.0)
+        sb += tl.load(partial_b + first + cidx, mask=cmask, other=0.0)
+    return tl.sqrt(tl.reduce(sa, 0, _sum_combine)), tl.sqrt(tl.reduce(sb, 0, _sum_combine))
+
+
+def _bias_corrections(row, log2_beta1, log2_beta2):
+    """1 - beta**step for both moments, in float32 whatever the tensor's dtype (in bf16, 0.999 rounds to 1)."""
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    return 1.0 - tl.exp2(step * log2_beta1), 1.0 - tl.exp2(step * log2_beta2)
+
+
+def lars_norms(table, chunks, partial_w, partial_g, ROW: tl.constexpr, NUMEL: tl.constexpr,
+               DT: tl.constexpr, VEC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Sums of squares of w and g over one chunk."""
+    pid = tl.program_id(0)
+    row, start, end = _chunk_range(table, chunks, pid, ROW, NUMEL, VEC, CHUNK)
+    w_ptr = _column(row, 0, DT, VEC)
+    g_ptr = _column(row, 1, DT, VEC)
     acc_w = tl.full([BLOCK], 0.0, tl.float32)
     acc_g = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
@@ -76,44 +125,20 @@ def lars_update(table, chunks, partial_w, partial_g, lr_ptr, lr, scale_ptr, foun
                 LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """The trust ratio from the tensor's chunk sums, then v <- m*v + lr*r*(g + b*w); w <- w - v."""
     pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    row = table + t * ROW
-    w_ptr = tl.load(row).to(tl.pointer_type(DT))
-    if VEC > 1:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
-    if VEC > 1:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-    end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
-    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
-        start = tl.multiple_of(start, VEC)
-        end = tl.multiple_of(end, VEC)
-    first = tl.load(row + NUMEL + 1)
-    count = tl.load(row + NUMEL + 2)
+    row, start, end = _chunk_range(table, chunks, pid, ROW, NUMEL, VEC, CHUNK)
+    w_ptr = _column(row, 0, DT, VEC)
+    g_ptr = _column(row, 1, DT, VEC)
     v_ptr = w_ptr
     if HAS_MOMENTUM:
-        v_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
-        if VEC > 1:
-            v_ptr = tl.multiple_of(v_ptr, 16)
+        v_ptr = _column(row, 2, DT, VEC)
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
-        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
-    rate = lr
-    if LR_IS_TENSOR:
-        rate = tl.load(lr_ptr).to(tl.float32)
+    end = _end_unless_inf(start, end, found_inf_ptr, HAS_FOUND_INF)
+    rate = _rate(lr_ptr, lr, LR_IS_TENSOR)
     if ADAPT:
-        sw = tl.full([PBLOCK], 0.0, tl.float32)
-        sg = tl.full([PBLOCK], 0.0, tl.float32)
-        for c in range(0, count, PBLOCK):
-            cidx = c + tl.arange(0, PBLOCK)
-            cmask = cidx < count
-            sw += tl.load(partial_w + first + cidx, mask=cmask, other=0.0)
-            sg += tl.load(partial_g + first + cidx, mask=cmask, other=0.0)
-        w_norm = tl.sqrt(tl.reduce(sw, 0, _sum_combine))
-        g_norm = tl.sqrt(tl.reduce(sg, 0, _sum_combine)) * inv_scale
+        w_norm, g_norm = _tensor_norms(row, partial_w, partial_g, NUMEL, PBLOCK)
+        g_norm = g_norm * inv_scale
         ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
         ratio = tl.where((w_norm > 0.0) & (g_norm > 0.0), ratio, 1.0)
         if CLIP:
@@ -144,34 +169,16 @@ def lamb_moments(table, chunks, partial_w, partial_u, scale_ptr, found_inf_ptr,
                  BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """m, v updated in place; sums of squares of w and of the direction u over one chunk."""
     pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    row = table + t * ROW
-    w_ptr = tl.load(row).to(tl.pointer_type(DT))
-    if VEC > 1:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DT))
-    if VEC > 1:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
-    if VEC > 1:
-        m_ptr = tl.multiple_of(m_ptr, 16)
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(DT))
-    if VEC > 1:
-        v_ptr = tl.multiple_of(v_ptr, 16)
-    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
-    end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
-    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
-        start = tl.multiple_of(start, VEC)
-        end = tl.multiple_of(end, VEC)
-    # bias corrections in float32 whatever the tensor's dtype (in bf16, 0.999 rounds to 1)
-    bias1 = 1.0 - tl.exp2(step * log2_beta1)
-    bias2 = 1.0 - tl.exp2(step * log2_beta2)
+    row, start, end = _chunk_range(table, chunks, pid, ROW, NUMEL, VEC, CHUNK)
+    w_ptr = _column(row, 0, DT, VEC)
+    g_ptr = _column(row, 1, DT, VEC)
+    m_ptr = _column(row, 2, DT, VEC)
+    v_ptr = _column(row, 3, DT, VEC)
+    bias1, bias2 = _bias_corrections(row, log2_beta1, log2_beta2)
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
-    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
-        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
+    end = _end_unless_inf(start, end, found_inf_ptr, HAS_FOUND_INF)
     acc_w = tl.full([BLOCK], 0.0, tl.float32)
     acc_u = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
@@ -201,42 +208,15 @@ def lamb_update(table, chunks, partial_w, partial_u, lr_ptr, lr, found_inf_ptr,
                 LR_IS_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """r = ||w|| / ||u|| from the tensor's chunk sums, then w <- w - lr*r*u."""
     pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    row = table + t * ROW
-    w_ptr = tl.load(row).to(tl.pointer_type(DT))
-    if VEC > 1:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(DT))
-    if VEC > 1:
-        m_ptr = tl.multiple_of(m_ptr, 16)
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(DT))
-    if VEC > 1:
-        v_ptr = tl.multiple_of(v_ptr, 16)
-    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
-    end = tl.minimum(start + CHUNK, tl.load(row + NUMEL))
-    if VEC > 1:  # every address 16-byte aligned, every length a multiple of VEC
-        start = tl.multiple_of(start, VEC)
-        end = tl.multiple_of(end, VEC)
-    first = tl.load(row + NUMEL + 1)
-    count = tl.load(row + NUMEL + 2)
-    bias1 = 1.0 - tl.exp2(step * log2_beta1)
-    bias2 = 1.0 - tl.exp2(step * log2_beta2)
-    if HAS_FOUND_INF:  # inf/NaN gradients somewhere: an empty range, nothing is written
-        end = tl.where(tl.load(found_inf_ptr).to(tl.float32) == 0.0, end, start)
-    rate = lr
-    if LR_IS_TENSOR:
-        rate = tl.load(lr_ptr).to(tl.float32)
+    row, start, end = _chunk_range(table, chunks, pid, ROW, NUMEL, VEC, CHUNK)
+    w_ptr = _column(row, 0, DT, VEC)
+    m_ptr = _column(row, 2, DT, VEC)
+    v_ptr = _column(row, 3, DT, VEC)
+    bias1, bias2 = _bias_corrections(row, log2_beta1, log2_beta2)
+    end = _end_unless_inf(start, end, found_inf_ptr, HAS_FOUND_INF)
+    rate = _rate(lr_ptr, lr, LR_IS_TENSOR)
     if ADAPT:
-        sw = tl.full([PBLOCK], 0.0, tl.float32)
-        su = tl.full([PBLOCK], 0.0, tl.float32)
-        for c in range(0, count, PBLOCK):
-            cidx = c + tl.arange(0, PBLOCK)
-            cmask = cidx < count
-            sw += tl.load(partial_w + first + cidx, mask=cmask, other=0.0)
-            su += tl.load(partial_u + first + cidx, mask=cmask, other=0.0)
-        w_norm = tl.sqrt(tl.reduce(sw, 0, _sum_combine))
-        u_norm = tl.sqrt(tl.reduce(su, 0, _sum_combine))
+        w_norm, u_norm = _tensor_norms(row, partial_w, partial_u, NUMEL, PBLOCK)
         ratio = tl.where((w_norm > 0.0) & (u_norm > 0.0), w_norm / u_norm, 1.0)
         rate = rate * ratio
     for off in range(start, end, BLOCK):
@@ -255,7 +235,9 @@ _SOURCES: dict[str, Callable[..., None]] = {
     "lamb_moments": lamb_moments,
     "lamb_update": lamb_update,
 }
+_HELPERS = (_column, _chunk_range, _end_unless_inf, _rate, _tensor_norms, _bias_corrections)
 _compiled: dict[tuple[str, bool], object] = {}
+_scopes: dict[bool, dict[str, object]] = {}
 
 
 def interpreting() -> bool:
@@ -267,5 +249,25 @@ def compiled(name: str):
     """The kernel ``name`` as a Triton function, jitted once per process and interpreter mode."""
     key = (name, interpreting())
     if key not in _compiled:
-        _compiled[key] = triton.jit(_SOURCES[name])
+        _compiled[key] = triton.jit(_rebound(_SOURCES[name], _scope(key[1])))
     return _compiled[key]
+
+
+def _scope(interpret: bool) -> dict[str, object]:
+    """This module's globals with the helpers jitted for one mode: a compiled kernel must call
+    JIT functions and an interpreted one interpreted functions, under the same names."""
+    if interpret not in _scopes:
+        scope = dict(globals())
+        for helper in _HELPERS:
+            scope[helper.__name__] = triton.jit(_rebound(helper, scope))
+        _scopes[interpret] = scope
+    return _scopes[interpret]
+
+
+def _rebound(fn: Callable[..., object], scope: dict[str, object]) -> Callable[..., object]:
+    """fn, same code, looking its globals up in scope."""
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__annotations__ = fn.__annotations__
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    return copy
