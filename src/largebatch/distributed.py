@@ -7,6 +7,7 @@ module only decides the device and backend, and reduces metric tensors across ra
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -83,7 +84,15 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
 
 
 def shutdown() -> None:
+    """Leave the process group, after whatever still uses it is gone.
+
+    A finished trainer can outlive its run in a reference cycle (bound methods of itself) until
+    the interpreter exits; its DDP reducer then met a destroyed group during finalization, and
+    the process aborted ("terminate called without an active exception"), which torchrun reports
+    as a failed run. Collecting first frees it while the group still exists.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
