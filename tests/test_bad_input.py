@@ -226,6 +226,8 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         ([("optim.nesterov", True), ("optim.momentum", 0)], "optim.nesterov=true needs optim.momentum > 0"),
         ([("optim.lr", float("inf"))], "optim.lr must be a finite number, got inf"),
         ([("eval_every", -1)], "eval_every must be >= 0, got -1"),
+        ([("optim.name", "lamb"), ("optim.implementation", "compiled")],
+         "optim.implementation must be one of auto, triton, foreach, single; got 'compiled'"),
     ],
 )
 def test_schedule_and_optimizer_options_are_checked_by_key(pairs, message):

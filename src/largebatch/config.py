@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from largebatch.errors import UserError
+from largebatch.optim._common import IMPLEMENTATIONS
+from largebatch.optim.lamb import LAMB_IMPLEMENTATIONS
 from largebatch.schedule import DECAYS, ORIGINS
 
 __all__ = [
@@ -361,7 +363,8 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no knowledge of the world size, the model registry or the data."""
     _choice("optim.name", config.optim.name, OPTIMIZERS)
-    _choice("optim.implementation", config.optim.implementation, ("auto", "triton", "foreach", "compiled", "single"))
+    _choice("optim.implementation", config.optim.implementation,
+            LAMB_IMPLEMENTATIONS if config.optim.name == "lamb" else IMPLEMENTATIONS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from largebatch.optim import _triton
 from largebatch.optim._common import (
+    IMPLEMENTATIONS,
     accumulation_dtype,
     amp_scaling_supported,
     check_implementation,
@@ -36,9 +37,9 @@ from largebatch.optim._common import (
     tensor_norms,
 )
 
-__all__ = ["LAMB"]
+__all__ = ["LAMB", "LAMB_IMPLEMENTATIONS"]
 
-_IMPLEMENTATIONS = ("auto", "triton", "foreach", "single")  # no compiled path for LAMB
+LAMB_IMPLEMENTATIONS = tuple(i for i in IMPLEMENTATIONS if i != "compiled")  # no compiled path for LAMB
 
 
 class LAMB(Optimizer):
@@ -82,7 +83,7 @@ class LAMB(Optimizer):
         super().__init__(params, defaults)
         self._tables: dict[Any, Any] = {}  # Triton path: packed address tables
         for group in self.param_groups:
-            check_implementation(group, _IMPLEMENTATIONS, "LAMB")
+            check_implementation(group, LAMB_IMPLEMENTATIONS, "LAMB")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
