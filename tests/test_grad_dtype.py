@@ -131,6 +131,7 @@ def test_half_precision_hooks_send_half_the_bytes_and_average_correctly(tmp_path
 TRAIN = r'''
 import json, sys
 from largebatch.config import load_config
+from largebatch.distributed import shutdown
 from largebatch.trainer import train
 
 pairs, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -141,6 +142,7 @@ for grad_dtype in ("fp32", "bf16"):
 if __import__("os").environ["RANK"] == "0":
     with open(f"{out}/top1.json", "w") as f:
         json.dump(top1, f)
+shutdown()  # as the command line does: a gloo group left alive aborts the interpreter's exit
 '''
 
 # A short Fashion-MNIST run: an MLP, LARS at batch 1024, 2 epochs (about 83.5% top-1 in fp32)
