@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data test lint demo bench clean
+.PHONY: setup data test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ data:
 test: setup data
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# the edit-test loop: everything but the tests marked slow (multi-process runs, compiles, training)
+test-fast: setup data
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -x -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -27,7 +27,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class DivergenceGuard:
-    """Counts non-finite steps on the device; only :meth:`check` (log steps, saves) reads them.
+    """Counts non-finite steps on the device; only :meth:`first_bad_step` (log steps, saves) reads them.
 
     ``first`` is the earliest bad step on this rank (-1: none), so the error names where the run
     went wrong even when it is noticed several steps later.
