@@ -110,15 +110,22 @@ def test_progress_on_a_non_terminal_prints_a_line_every_percent_and_no_eta_befor
 
 
 class _ClosedPipe(io.StringIO):
+    """A reader that went away: every write fails as a closed pipe does; counts the attempts."""
+
+    attempts = 0
+
     def write(self, text):
+        self.attempts += 1
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 def test_progress_drops_output_it_cannot_write():
-    progress = Progress(10, enabled=True, stream=_ClosedPipe())
-    progress.message("run header")
+    pipe = _ClosedPipe()
+    progress = Progress(10, enabled=True, stream=pipe)
+    progress.message("run header")  # raises nothing
     progress.update(1, 0, 0.1, 1.0, 100.0)
-    progress.message("epoch 1: eval")  # nothing raised, nothing retried
+    progress.message("epoch 1: eval")
+    assert pipe.attempts == 1  # after the first failure nothing more is tried
 
 
 def test_the_demos_closing_lines_to_a_closed_pipe_do_not_fail_a_finished_run(tmp_path, monkeypatch):
