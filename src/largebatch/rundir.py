@@ -121,6 +121,10 @@ def checkpoint_config_differences(payload: dict, config: TrainConfig) -> tuple[l
     return config_differences(stored, new), changes
 
 
+def _non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _inside(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
 
@@ -369,13 +373,17 @@ class RunDir:
         replaced = self.path / REPLACED
         if not replaced.is_dir() or replaced.is_symlink():
             return
-        if self._checkpoint_files():
+        aside = {entry.name for entry in replaced.iterdir()}
+        if ("checkpoints" in aside and self._checkpoint_files()) or (
+                "metrics.jsonl" in aside and _non_empty(self.path / "metrics.jsonl")):
+            # both hold progress: the replacing run got further than its first step (an older
+            # version's interrupted deletion, or hands): not ours to choose
             raise RunDirError(
                 f"run directory {self.path} holds a run, and in {replaced} the run an interrupted --overwrite moved "
                 f"aside; keep one: move the files of {replaced} back into {self.path}, or delete {replaced}"
             )
-        for name in RUN_FILES:  # what the replacing run had made before it was stopped
-            current = self.path / name
+        for name in aside & set(RUN_FILES):  # the replacing run's, made before it was stopped; what is not
+            current = self.path / name       # aside yet is the old run's, never moved (killed mid-move)
             if current.is_dir() and not current.is_symlink():
                 shutil.rmtree(current)
             elif current.exists() or current.is_symlink():
@@ -406,7 +414,7 @@ class RunDir:
         """config.yaml, a checkpoint, or metrics rows (perhaps another run's, through a symlink)."""
         records = [self.path / n for n in ("metrics.jsonl", "metrics.csv")]
         return (self.config_file.exists() or bool(self._checkpoint_files())
-                or any(p.is_file() and p.stat().st_size > 0 for p in records))
+                or any(_non_empty(p) for p in records))
 
     def _records_readable(self, resume_from: Path) -> Path:
         """A resumed run appends to metrics.jsonl: a bad row in it stops every rank here, not rank 0 later."""

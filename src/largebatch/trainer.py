@@ -273,13 +273,13 @@ class Trainer:
             if moved is not None:  # write where the run now is, never re-create the old path
                 directory = moved / "checkpoints"
             try:
-                if name is None:
+                if name is not None:
+                    ckpt.save_checkpoint(directory / name, self._payload())
+                if name is None or moved is not None:  # a moved run stops with its step's checkpoint
                     step, rank = self.step, self.env.rank
                     ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
                                          before_commit=lambda: faults.maybe_kill("checkpoint", step, rank))
                     ckpt.prune(directory, self.config.keep_checkpoints)
-                else:
-                    ckpt.save_checkpoint(directory / name, self._payload())
             except ckpt.CheckpointError as err:
                 error = str(err)
             if moved is not None and error is None:
