@@ -194,6 +194,15 @@ def test_a_deleted_metrics_jsonl_leaves_metrics_csv_its_rows(tmp_path, capsys):
     assert train_rows(run / "metrics.jsonl") == list(range(5, 9))
 
 
+def test_a_resume_onto_an_emptied_metrics_jsonl_says_so(tmp_path, capsys):
+    run, pairs = finished_run(tmp_path, "run")
+    back_to_step_4(run)
+    (run / "metrics.jsonl").write_text("")  # as a kill in the middle of an older version's rewrite left it
+    code, _, out = run_cli([*cli_args(pairs), "--resume", "auto"], capsys)
+    assert code == 0
+    assert f"{run / 'metrics.jsonl'} is empty: its rows up to step 4 are lost (metrics.csv keeps its own)" in out
+
+
 # ---- 5: a checkpoint store that is not there ------------------------------------------------------
 
 
@@ -232,8 +241,13 @@ def test_a_checkpoint_written_with_another_config_is_refused_in_one_line(tmp_pat
     assert code == 2 and line == (f"largebatch: error: cannot resume {run}: its checkpoint step_00000006.pt was "
                                   "written with a config that differs in optim.lr; use a new --out or --overwrite")
     assert snapshot(run) == before
-    # config.yaml deleted, and another config given: the checkpoints still know theirs
+    # config.yaml edited to another config, and that config given: the checkpoints still know theirs
     ckpt.step_path(run / "checkpoints", 6).unlink()
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("lr: 2.0", "lr: 3.0"))
+    code, line, _ = run_cli([*cli_args(dict(pairs, **{"optim.lr": 3.0})), "--resume", "auto"], capsys)
+    assert code == 2 and line == (f"largebatch: error: cannot resume {run}: its checkpoint step_00000004.pt was "
+                                  "written with a config that differs in optim.lr; use a new --out or --overwrite")
+    # config.yaml deleted, and another config given
     (run / "config.yaml").unlink()
     code, line, _ = run_cli([*cli_args(dict(pairs, **{"optim.lr": 3.0})), "--resume", "auto"], capsys)
     assert code == 2 and "written with a config that differs in optim.lr" in line
@@ -253,6 +267,19 @@ def test_resumable_differences_from_the_checkpoints_config_go_on_with_a_notice(t
     code, _, out = run_cli([*cli_args(dict(pairs, log_every=2)), "--resume", "auto"], capsys)
     assert code == 0 and "resuming with changed settings: log_every 1 -> 2" in out
     assert same_weights(weights(newest(run)), weights(newest(straight)))
+
+
+def test_a_changed_micro_batch_is_announced_and_changes_nothing_else(tmp_path, capsys):
+    straight, _ = finished_run(tmp_path, "straight")
+    run, pairs = finished_run(tmp_path, "run")
+    back_to_step_4(run)
+    code, _, out = run_cli([*cli_args(dict(pairs, micro_batch=64)), "--resume", "auto"], capsys)
+    assert code == 0
+    assert "resuming a run of micro-batch 128 with 64: global batch kept at 128, accumulation now 2" in out
+    assert "resuming with changed settings: micro_batch None -> 64" in out
+    after = weights(newest(run))
+    reference = weights(newest(straight))
+    assert all(torch.allclose(after[k], reference[k], rtol=1e-4, atol=1e-6) for k in reference)
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path, capsys):

@@ -79,12 +79,14 @@ class MetricsWriter:
         leave half done) and never rewritten, so the rows before it stay whatever happens; each
         file keeps its own rows, so a missing metrics.jsonl never empties metrics.csv.
         """
+        rows: list[dict[str, Any]] = []
         if self.jsonl_path.exists():
-            read_jsonl(self.jsonl_path, notice=self._notice)  # a bad row is an error, a torn last one a notice
+            rows = read_jsonl(self.jsonl_path, notice=self._notice)  # a bad row: an error; a torn last one: a notice
             _cut_at(self.jsonl_path, _jsonl_offset_after(self.jsonl_path.read_bytes(), step))
-        elif self.csv_path.exists() and self._notice is not None:
-            self._notice(f"{self.jsonl_path} is missing: its rows up to step {step} are lost "
-                         f"({self.csv_path.name} keeps its own)")
+        if step > 0 and not rows and self._notice is not None:  # never silently start the history mid-run
+            state = "is empty" if self.jsonl_path.exists() else "is missing"
+            self._notice(f"{self.jsonl_path} {state}: its rows up to step {step} are lost"
+                         + (f" ({self.csv_path.name} keeps its own)" if self.csv_path.exists() else ""))
         if self.csv_path.exists():
             _cut_at(self.csv_path, _csv_offset_after(self.csv_path.read_bytes(), step))
 

@@ -241,6 +241,11 @@ class Trainer:
                 f"resuming a run of world size {payload.get('world_size')} with {self.env.world_size}: "
                 f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
             )
+        elif isinstance(payload.get("micro_batch"), int) and payload["micro_batch"] != self.micro_batch:
+            self.progress.message(
+                f"resuming a run of micro-batch {payload['micro_batch']} with {self.micro_batch}: "
+                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
+            )
         self.progress.message(f"resumed from {path} at step {self.step}")
 
     def _keep_threads(self, threads: Any) -> None:
