@@ -6,10 +6,14 @@ fork (``--resume PATH`` of another run into a new directory), and refuses, in on
 would lose a run: replacing one without ``--overwrite``, resuming another config, starting over
 where checkpoints exist but none can be used, or writing where another process writes.
 
+Opening looks first (``Seen``), then one pure function, ``decide``, chooses (``Decision``), and a
+small executor acts: the contract in docs/reliability.md is that function's table.
+
 While a run is open, rank 0 holds an exclusive ``flock`` on ``.lock`` in the directory. The
 operating system releases it when the process ends, however it ends, so a crash never leaves a
 stale lock. A run refused before its first step takes away exactly what it created, and puts
-back the run that ``--overwrite`` was replacing (kept aside in ``.replaced/`` until then).
+back the run that ``--overwrite`` was replacing (kept aside in ``.replaced/`` until then); a run
+killed before its first step leaves ``.replaced/``, and the next opening puts it back, saying so.
 """
 
 from __future__ import annotations
