@@ -364,7 +364,7 @@ def test_a_fifo_among_the_checkpoints_is_never_opened(tmp_path, which):
     found: list[Path | None] = []
     reader = threading.Thread(target=lambda: found.append(ckpt.newest_valid(directory, loadable=True)), daemon=True)
     reader.start()
-    reader.join(timeout=20)
+    reader.join(timeout=60)  # a few milliseconds unless open() blocks
     if reader.is_alive():  # blocked in open(): give it a writer so that it can return, then fail
         target = fifo if which == "checkpoint" else fifo.with_suffix(".pt.sha256")
         os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
