@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import io
 import os
+import pickle
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from largebatch.errors import UserError
 
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+FORMAT = 1  # the payload layout this version writes; a newer one is refused, never half-read
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -83,10 +86,22 @@ def save_checkpoint(
     return path
 
 
+def _is_regular(path: Path) -> bool:
+    """A regular file (after symlinks): never open a FIFO (it blocks) or a device as a checkpoint."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError unless the file exists and matches its recorded SHA-256."""
     path = Path(path)
     sidecar = path.with_suffix(path.suffix + ".sha256")
+    if path.exists() and not _is_regular(path):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if sidecar.exists() and not _is_regular(sidecar):
+        raise CheckpointError(f"checkpoint {path}: its integrity record {sidecar.name} is not a regular file")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -109,11 +124,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError, by torch version
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it holds more than weights and plain data ({first[:160]})"
+        if isinstance(err, pickle.UnpicklingError):  # the weights-only unpickler met something it refuses
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds more than weights and plain data ({first[:160]})"
+            ) from None
+        raise CheckpointError(  # not a readable archive: damaged after its digest was taken (or digest recomputed)
+            f"checkpoint {path} is damaged: it matches its {path.name}.sha256 but cannot be read ({first[:160]})"
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a largebatch checkpoint")
+    version = payload.get("format", FORMAT)
+    if not isinstance(version, int) or version > FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is of format {version}, newer than this version of largebatch reads "
+            f"(up to {FORMAT}); resume it with the version that wrote it"
+        )
     return payload
 
 
@@ -122,7 +147,7 @@ def step_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name)) and _is_regular(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -138,17 +163,34 @@ def newest_valid(directory: str | Path, warn: Any = None, loadable: bool = False
     unsafe (pickled code) is skipped like a corrupt one. Its payload never runs either way,
     because loading is ``weights_only``.
     """
+    if loadable:
+        found = newest_loadable(directory, warn)
+        return found[0] if found else None
     for path in reversed(step_checkpoints(directory)):
         try:
-            if loadable:
-                load_checkpoint(path)
-            else:
-                verify_checkpoint(path)
+            verify_checkpoint(path)
             return path
         except CheckpointError as err:
             if warn is not None:
                 warn(f"{err}; trying the previous one")
     return None
+
+
+def newest_loadable(directory: str | Path, warn: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest step checkpoint that verifies and loads, with its payload (read once)."""
+    for path in reversed(step_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            if warn is not None:
+                warn(f"{err}; trying the previous one")
+    return None
+
+
+def step_of_name(path: Path) -> int | None:
+    """The step a ``step_NNNNNNNN.pt`` name claims (None for other names, e.g. best.pt)."""
+    m = STEP_FILE.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def is_partial_write(path: Path) -> bool:

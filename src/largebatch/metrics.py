@@ -73,15 +73,22 @@ class MetricsWriter:
         self._tb = _tensorboard(run_dir)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop rows written after the checkpoint we resume from: they will be produced again."""
-        rows = read_jsonl(self.jsonl_path, notice=self._notice) if self.jsonl_path.exists() else []
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        with self.csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for r in kept:
-                writer.writerow(r)
+        """Drop rows written after the checkpoint we resume from: they will be produced again.
+
+        Each file is cut at its first row past ``step`` (one ``truncate``, which a kill cannot
+        leave half done) and never rewritten, so the rows before it stay whatever happens; each
+        file keeps its own rows, so a missing metrics.jsonl never empties metrics.csv.
+        """
+        rows: list[dict[str, Any]] = []
+        if self.jsonl_path.exists():
+            rows = read_jsonl(self.jsonl_path, notice=self._notice)  # a bad row: an error; a torn last one: a notice
+            _cut_at(self.jsonl_path, _jsonl_offset_after(self.jsonl_path.read_bytes(), step))
+        if step > 0 and not rows and self._notice is not None:  # never silently start the history mid-run
+            state = "is empty" if self.jsonl_path.exists() else "is missing"
+            self._notice(f"{self.jsonl_path} {state}: its rows up to step {step} are lost"
+                         + (f" ({self.csv_path.name} keeps its own)" if self.csv_path.exists() else ""))
+        if self.csv_path.exists():
+            _cut_at(self.csv_path, _csv_offset_after(self.csv_path.read_bytes(), step))
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row`` to both files, whole or not at all; a failure goes to ``error``."""
@@ -114,6 +121,45 @@ class MetricsWriter:
         if self._tb is not None:
             with contextlib.suppress(OSError):
                 self._tb.close()
+
+
+def _cut_at(path: Path, offset: int | None) -> None:
+    if offset is not None:
+        os.truncate(path, offset)
+
+
+def _jsonl_offset_after(data: bytes, step: int) -> int | None:
+    """Byte offset of the first line past ``step`` (or the torn last line); None to keep all."""
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line) if line.strip() else {}
+            if not isinstance(row, dict):
+                raise ValueError
+        except ValueError:  # only the last line can be torn here: read_jsonl has checked the others
+            return offset
+        if not line.endswith(b"\n") or _step(row.get("step")) > step:
+            return offset
+        offset += len(line)
+    return None
+
+
+def _csv_offset_after(data: bytes, step: int) -> int | None:
+    """Byte offset of the first CSV row past ``step`` (the header stays); None to keep all."""
+    offset = 0
+    for i, line in enumerate(data.splitlines(keepends=True)):
+        fields = next(csv.reader([line.decode(errors="replace")]), [])
+        if i > 0 and (not line.endswith(b"\n") or len(fields) < 2 or _step(fields[1]) > step):
+            return offset
+        offset += len(line)
+    return None
+
+
+def _step(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf  # a row without a readable step is not kept past a resume point
 
 
 def _tensorboard(run_dir: Path) -> Any:
@@ -157,8 +203,8 @@ def write_plots(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
+    train = [r for r in rows if r.get("kind") == "train"]  # rows of another kind (or none) are not plotted
+    evals = [r for r in rows if r.get("kind") == "eval"]
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -206,13 +252,13 @@ class Progress:
         self._closed = False
 
     @property
-    def stream(self) -> TextIO:
-        return self._stream or sys.stdout  # looked up late: the caller may redirect stdout
+    def stream(self) -> TextIO | None:
+        return self._stream or sys.stdout  # looked up late: the caller may redirect stdout (None: closed)
 
     @property
     def tty(self) -> bool:
         try:
-            return self.stream.isatty()
+            return self.stream is not None and self.stream.isatty()
         except (OSError, ValueError):
             return False
 
@@ -250,7 +296,7 @@ class Progress:
         self._emit(text + "\n")
 
     def _emit(self, text: str) -> None:
-        if self._closed:
+        if self._closed or self.stream is None:  # started with standard output closed: nowhere to write
             return
         try:
             self.stream.write(text)

@@ -6,10 +6,14 @@ fork (``--resume PATH`` of another run into a new directory), and refuses, in on
 would lose a run: replacing one without ``--overwrite``, resuming another config, starting over
 where checkpoints exist but none can be used, or writing where another process writes.
 
+Opening looks first (``Seen``), then one pure function, ``decide``, chooses (``Decision``), and a
+small executor acts: the contract in docs/reliability.md is that function's table.
+
 While a run is open, rank 0 holds an exclusive ``flock`` on ``.lock`` in the directory. The
 operating system releases it when the process ends, however it ends, so a crash never leaves a
 stale lock. A run refused before its first step takes away exactly what it created, and puts
-back the run that ``--overwrite`` was replacing (kept aside in ``.replaced/`` until then).
+back the run that ``--overwrite`` was replacing (kept aside in ``.replaced/`` until then); a run
+killed before its first step leaves ``.replaced/``, and the next opening puts it back, saying so.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from largebatch import checkpoint as ckpt
 from largebatch.config import (
+    RESUMABLE_CHANGES,
     ConfigError,
     TrainConfig,
     config_differences,
     dump_yaml,
+    flatten_keys,
     from_dict,
     read_yaml_mapping,
     to_dict,
@@ -38,6 +45,9 @@ from largebatch.metrics import read_jsonl
 
 LOCK_FILE = ".lock"
 REPLACED = ".replaced"  # the run an --overwrite replaces, kept until the new run's first step
+DELETING = ".replaced.deleting"  # REPLACED once the new run made its first step, while it is deleted
+# resumable changes not worth a notice: where the run lives and how it reports
+QUIET_CHANGES = frozenset({"out", "progress"})
 CONFIG_FILE = "config.yaml"
 # what a run writes into its directory, removed when --overwrite replaces it
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "checkpoints", "plots", "tensorboard", CONFIG_FILE)
@@ -72,6 +82,15 @@ class DirectoryLock:
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
 
+    def where(self) -> Path | None:
+        """The lock file's path now, through the open descriptor (it follows a moved directory)."""
+        if self._fd is None:
+            return None
+        try:
+            return Path(os.readlink(f"/proc/self/fd/{self._fd}").removesuffix(" (deleted)"))
+        except OSError:
+            return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
@@ -91,8 +110,125 @@ def config_differences_from(config_file: Path, config: TrainConfig) -> list[str]
     return config_differences(old, to_dict(config))
 
 
+def checkpoint_config_differences(payload: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(keys that forbid resuming, resumable changes as ``key old -> new``) between the config
+    a checkpoint was written with and ``config``; an older checkpoint without one differs in nothing."""
+    stored = payload.get("config")
+    if not isinstance(stored, dict):
+        return [], []
+    with contextlib.suppress(ConfigError, TypeError, ValueError):
+        stored = to_dict(from_dict(stored))
+    new = to_dict(config)
+    a, b = flatten_keys(stored), flatten_keys(new)
+    changes = [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(RESUMABLE_CHANGES - QUIET_CHANGES)
+               if a.get(k) != b.get(k)]
+    return config_differences(stored, new), changes
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _inside(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
+
+
+# ---- the decision: what opening a run directory does, from what it found (pure, tested from a table) ----
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What rank 0 found in the run directory before changing anything: the decision's only input."""
+
+    directory: Path
+    holds_run: bool = False  # config.yaml, a checkpoint file, or metrics rows
+    config_diffs: tuple[str, ...] | None = None  # keys config.yaml differs in; None: no config.yaml
+    store_problem: str | None = None  # checkpoints/ is a dangling symlink or not a directory
+    newest: Path | None = None  # newest step checkpoint that verifies and loads
+    newest_diffs: tuple[str, ...] = ()  # keys its own stored config differs in
+    unusable: int = 0  # checkpoint files there when none is usable
+    best: Path | None = None  # best.pt, when it verifies and loads
+    target: Path | None = None  # --resume PATH (verified and loaded)
+    target_inside: bool = False  # PATH lies in this run directory
+    target_diffs: tuple[str, ...] = ()  # keys PATH's stored config differs in
+    source_diffs: tuple[str, ...] | None = None  # keys PATH's run's config.yaml differs in
+    changes: tuple[str, ...] = ()  # resumable changes of the checkpoint to continue (notices)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``fresh`` (step 0), ``resume`` (this run, from ``checkpoint``), ``fork`` (another run's
+    ``checkpoint`` continued here) or ``refuse`` (``message``, nothing changed). ``clear``: the
+    run there is moved aside first (deleted at the new run's first step)."""
+
+    action: str
+    checkpoint: Path | None = None
+    clear: bool = False
+    message: str = ""
+    notices: tuple[str, ...] = ()
+
+
+def _refuse(message: str) -> Decision:
+    return Decision("refuse", message=message)
+
+
+def decide(resume: str | None, overwrite: bool, seen: Seen) -> Decision:
+    """What ``train`` with ``--resume`` / ``--overwrite`` does in a directory in the state ``seen``."""
+    d = seen.directory
+    if seen.store_problem is not None:
+        return _refuse(seen.store_problem)
+    if resume not in (None, "auto"):
+        return _decide_path(Path(resume), overwrite, seen)
+    if resume is None:
+        if seen.holds_run and not overwrite:
+            return _refuse(f"run directory {d} already holds a run; pass --resume auto to continue it "
+                           "or --overwrite to replace it")
+        return Decision("fresh", clear=seen.holds_run)
+    differs = bool(seen.config_diffs)
+    if differs and not overwrite:
+        return _refuse(f"cannot resume {d}: the config differs in {', '.join(seen.config_diffs or ())}; "
+                       "use a new --out or --overwrite")
+    if seen.newest is not None and not differs:
+        if not seen.newest_diffs:
+            return Decision("resume", checkpoint=seen.newest, notices=_changed(seen))
+        if not overwrite:
+            return _refuse(f"cannot resume {d}: its checkpoint {seen.newest.name} was written with a config that "
+                           f"differs in {', '.join(seen.newest_diffs)}; use a new --out or --overwrite")
+    elif seen.unusable and not overwrite:
+        if seen.best is not None:
+            return _refuse(f"run directory {d} holds a run but none of its step checkpoints can be used; "
+                           f"{seen.best.name} can: continue from it with --resume {seen.best} (or fork it into a "
+                           "new --out), or pass --overwrite to start again from step 0")
+        return _refuse(f"run directory {d} holds a run but none of its {seen.unusable} checkpoint(s) can be used; "
+                       "pass --overwrite to start it again from step 0")
+    return Decision("fresh", clear=seen.holds_run)
+
+
+def _changed(seen: Seen) -> tuple[str, ...]:
+    return (f"resuming with changed settings: {'; '.join(seen.changes)}",) if seen.changes else ()
+
+
+def _decide_path(path: Path, overwrite: bool, seen: Seen) -> Decision:
+    d = seen.directory
+    if seen.target is None:
+        return _refuse(f"--resume {path}: no such checkpoint")
+    if seen.target_inside:
+        if seen.config_diffs:
+            return _refuse(f"cannot resume {d}: the config differs in {', '.join(seen.config_diffs)}; "
+                           "use a new --out or --overwrite")
+    elif seen.source_diffs:
+        return _refuse(f"cannot resume {path} into {d}: the config differs in {', '.join(seen.source_diffs)}; "
+                       "use a new --out or --overwrite")
+    if seen.target_diffs:
+        return _refuse(f"cannot resume {path}: it was written with a config that differs in "
+                       f"{', '.join(seen.target_diffs)}; give the config it was written with")
+    if seen.target_inside:
+        return Decision("resume", checkpoint=path, notices=_changed(seen))
+    if seen.holds_run and not overwrite:
+        return _refuse(f"run directory {d} already holds a run; choose a new --out to continue {path} there, "
+                       "or pass --overwrite to replace it")
+    return Decision("fork", checkpoint=path, clear=seen.holds_run,
+                    notices=(f"forking the run: continuing {path} in {d}", *_changed(seen)))
 
 
 class RunDir:
@@ -110,6 +246,7 @@ class RunDir:
         self._created_root: Path | None = None  # the topmost directory this run created
         self._before: set[str] = set()  # entries that were there before this run
         self._replacing = False  # the old run is in REPLACED until the first step
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the directory opened
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -135,15 +272,19 @@ class RunDir:
         try:
             self._make_dir()
             self._lock.acquire()
+        except RunDirError:  # in use: even a directory this process just made belongs to the holder now
+            raise
         except OSError as err:
             self._remove_created()
             raise RunDirError(f"cannot write the run directory {self.path}: {err.strerror or err}") from None
-        except RunDirError:
+        except BaseException:
             self._remove_created()
             raise
         try:
-            self._clean_partial_writes()
-            path = self._decide(resume, overwrite)
+            info = os.stat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
+            seen = self._observe(resume, overwrite)
+            path = self._carry_out(decide(resume, overwrite, seen))
         except OSError as err:
             self.close(discard=True)
             raise RunDirError(f"cannot write the run directory {self.path}: {err.strerror or err}") from None
@@ -157,6 +298,106 @@ class RunDir:
         self._created_root = missing[-1] if missing else None
         self.path.mkdir(parents=True, exist_ok=True)
         self._before = set() if missing else {p.name for p in self.path.iterdir()}
+
+    def _store_problem(self) -> str | None:
+        """A checkpoint store that is not there (a scratch disk not mounted) stops the run untouched."""
+        store = self.checkpoints
+        if store.is_symlink() and not store.exists():
+            return (f"checkpoint store {store} is a symlink to {os.readlink(store)}, which does not exist "
+                    "(is its disk mounted?); nothing was changed")
+        if store.exists() and not store.is_dir():
+            return f"checkpoint store {store} is not a directory; move it away; nothing was changed"
+        return None
+
+    def _observe(self, resume: str | None, overwrite: bool) -> Seen:
+        """Look (after putting back an interrupted replacement and removing half-written files)."""
+        problem = self._store_problem()
+        if problem is not None:
+            return Seen(self.path, store_problem=problem)
+        self._put_back_replaced()
+        self._clean_partial_writes()
+        diffs = config_differences_from(self.config_file, self.config) if self.config_file.exists() else None
+        seen = Seen(self.path, holds_run=self.holds_run(), config_diffs=None if diffs is None else tuple(diffs))
+        if resume not in (None, "auto"):
+            return self._observe_target(Path(resume), seen)
+        if resume is None or (diffs and not overwrite):
+            return seen
+        found = ckpt.newest_loadable(self.checkpoints, warn=self.notice)
+        if found is None:
+            return replace(seen, unusable=len(self._checkpoint_files()), best=self._usable_best())
+        refused, changes = checkpoint_config_differences(found[1], self.config)
+        return replace(seen, newest=found[0], newest_diffs=tuple(refused), changes=tuple(changes))
+
+    def _observe_target(self, path: Path, seen: Seen) -> Seen:
+        if not path.is_file():
+            return seen
+        payload = ckpt.load_checkpoint(path)  # a damaged or unsafe PATH is refused here, in one line
+        refused, changes = checkpoint_config_differences(payload, self.config)
+        seen = replace(seen, target=path, target_inside=_inside(path, self.path), target_diffs=tuple(refused),
+                       changes=tuple(changes))
+        source = path.parent.parent if path.parent.name == "checkpoints" else None
+        if not seen.target_inside and source is not None and (source / CONFIG_FILE).exists():
+            seen = replace(seen, source_diffs=tuple(config_differences_from(source / CONFIG_FILE, self.config)))
+        return seen
+
+    def _usable_best(self) -> Path | None:
+        best = self.checkpoints / "best.pt"
+        try:
+            ckpt.load_checkpoint(best)
+        except ckpt.CheckpointError:
+            return None
+        return best
+
+    def _carry_out(self, decision: Decision) -> Path | None:
+        """The executor: do what ``decide`` chose."""
+        if decision.action == "refuse":
+            raise RunDirError(decision.message)
+        if decision.action in ("fresh", "fork"):
+            self._create(clear=decision.clear)
+        if decision.action == "fork":
+            assert decision.checkpoint is not None
+            self._copy_records(decision.checkpoint)
+        for line in decision.notices:
+            self.notice(line)
+        return self._records_readable(decision.checkpoint) if decision.checkpoint is not None else None
+
+    def _copy_records(self, checkpoint: Path) -> None:
+        """A fork starts with its source's records (the rows after its step are dropped on resume)."""
+        source = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+        for name in ("metrics.jsonl", "metrics.csv"):
+            if source is not None and (source / name).is_file():
+                shutil.copyfile(source / name, self.path / name)
+
+    def _put_back_replaced(self) -> None:
+        """A run moved aside by an ``--overwrite`` that never reached its first step (killed) is put
+        back, with a notice: it is never deleted behind the user's back."""
+        deleting = self.path / DELETING
+        if deleting.is_dir() and not deleting.is_symlink():  # a deletion already committed, interrupted
+            shutil.rmtree(deleting)
+        replaced = self.path / REPLACED
+        if not replaced.is_dir() or replaced.is_symlink():
+            return
+        aside = {entry.name for entry in replaced.iterdir()}
+        if ("checkpoints" in aside and self._checkpoint_files()) or (
+                "metrics.jsonl" in aside and _non_empty(self.path / "metrics.jsonl")):
+            # both hold progress: the replacing run got further than its first step (an older
+            # version's interrupted deletion, or hands): not ours to choose
+            raise RunDirError(
+                f"run directory {self.path} holds a run, and in {replaced} the run an interrupted --overwrite moved "
+                f"aside; keep one: move the files of {replaced} back into {self.path}, or delete {replaced}"
+            )
+        for name in aside & set(RUN_FILES):  # the replacing run's, made before it was stopped; what is not
+            current = self.path / name       # aside yet is the old run's, never moved (killed mid-move)
+            if current.is_dir() and not current.is_symlink():
+                shutil.rmtree(current)
+            elif current.exists() or current.is_symlink():
+                current.unlink()
+        for entry in replaced.iterdir():
+            os.replace(entry, self.path / entry.name)
+        replaced.rmdir()
+        self._before = {p.name for p in self.path.iterdir()} if self._created_root is None else set()
+        self.notice(f"put back the run that an interrupted --overwrite had moved aside into {replaced} "
+                    "(the replacing run never made its first step)")
 
     def _clean_partial_writes(self) -> None:
         """Half-written files from a crash mid-write; safe to remove now that we hold the lock."""
@@ -174,65 +415,10 @@ class RunDir:
         return ckpt.step_checkpoints(self.checkpoints) + ([best] if best.exists() else [])
 
     def holds_run(self) -> bool:
-        return self.config_file.exists() or bool(self._checkpoint_files())
-
-    def _check_same_run(self, config_file: Path, what: str) -> None:
-        if not config_file.exists():
-            return
-        diffs = config_differences_from(config_file, self.config)
-        if diffs:
-            raise RunDirError(
-                f"cannot resume {what}: the config differs in {', '.join(diffs)}; use a new --out or --overwrite"
-            )
-
-    def _decide(self, resume: str | None, overwrite: bool) -> Path | None:
-        held = self.holds_run()
-        if resume not in (None, "auto"):
-            return self._resume_from(Path(resume), held, overwrite)
-        if resume == "auto":
-            if not overwrite:
-                self._check_same_run(self.config_file, str(self.path))
-            newest = ckpt.newest_valid(self.checkpoints, warn=self.notice, loadable=True)
-            if newest is not None and not (overwrite and self._differs()):
-                return self._records_readable(newest)
-            unusable = self._checkpoint_files()
-            if unusable and not overwrite:
-                raise RunDirError(
-                    f"run directory {self.path} holds a run but none of its {len(unusable)} checkpoint(s) "
-                    "can be used; pass --overwrite to start it again from step 0"
-                )
-        elif held and not overwrite:
-            raise RunDirError(
-                f"run directory {self.path} already holds a run; pass --resume auto to continue it "
-                "or --overwrite to replace it"
-            )
-        self._create(clear=held)
-        return None
-
-    def _differs(self) -> bool:
-        return self.config_file.exists() and bool(config_differences_from(self.config_file, self.config))
-
-    def _resume_from(self, path: Path, held: bool, overwrite: bool) -> Path:
-        if not path.is_file():
-            raise RunDirError(f"--resume {path}: no such checkpoint")
-        ckpt.verify_checkpoint(path)
-        if _inside(path, self.path):
-            self._check_same_run(self.config_file, str(self.path))
-            return self._records_readable(path)
-        # a fork: the run continues from PATH in this (new) directory, PATH's run is left as it is
-        source = path.parent.parent if path.parent.name == "checkpoints" else None
-        if source is not None:
-            self._check_same_run(source / CONFIG_FILE, f"{path} into {self.path}")
-        if held and not overwrite:
-            raise RunDirError(
-                f"run directory {self.path} already holds a run; choose a new --out to continue {path} there, "
-                "or pass --overwrite to replace it"
-            )
-        self._create(clear=held)
-        if source is not None and (source / "metrics.jsonl").is_file():
-            shutil.copyfile(source / "metrics.jsonl", self.path / "metrics.jsonl")  # rows after PATH are dropped
-        self.notice(f"forking the run: continuing {path} in {self.path}")
-        return self._records_readable(path)
+        """config.yaml, a checkpoint, or metrics rows (perhaps another run's, through a symlink)."""
+        records = [self.path / n for n in ("metrics.jsonl", "metrics.csv")]
+        return (self.config_file.exists() or bool(self._checkpoint_files())
+                or any(_non_empty(p) for p in records))
 
     def _records_readable(self, resume_from: Path) -> Path:
         """A resumed run appends to metrics.jsonl: a bad row in it stops every rank here, not rank 0 later."""
@@ -245,9 +431,7 @@ class RunDir:
         are moved aside, deleted once the new run has made its first step (``commit``)."""
         if clear:
             replaced = self.path / REPLACED
-            if replaced.exists():
-                shutil.rmtree(replaced)  # left by an earlier replacement that never reached its first step
-            replaced.mkdir()
+            replaced.mkdir()  # never there now: an earlier one was put back when the directory was opened
             self._before.discard(REPLACED)
             self._replacing = True
             for name in RUN_FILES:
@@ -259,12 +443,32 @@ class RunDir:
         tmp.write_text(dump_yaml(self.config))
         os.replace(tmp, self.config_file)
 
+    # ---- while the run runs --------------------------------------------------------------------
+
+    def moved_to(self) -> Path | None:
+        """Where the run directory is now, if it was moved (or replaced) since it was opened; else None.
+
+        Rank 0 holds the directory's lock file open, so the moved directory is found through it.
+        """
+        if self._identity is None:
+            return None
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return None
+        except OSError:
+            pass
+        lock = self._lock.where()
+        return lock.parent if lock is not None else None
+
     # ---- closing -------------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """The new run has made its first step: the run it replaced is deleted for good."""
+        """The new run has made its first step: the run it replaced is deleted for good (renamed
+        first, so that a kill mid-deletion never leaves half a run that looks like one put aside)."""
         if self._replacing:
-            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+            os.replace(self.path / REPLACED, self.path / DELETING)
+            shutil.rmtree(self.path / DELETING, ignore_errors=True)
             self._replacing = False
 
     def close(self, discard: bool = False) -> None:
@@ -298,4 +502,5 @@ class RunDir:
                 self._replacing = False
 
 
-__all__ = ["CONFIG_FILE", "LOCK_FILE", "REPLACED", "DirectoryLock", "RunDir", "RunDirError", "config_differences_from"]
+__all__ = ["CONFIG_FILE", "LOCK_FILE", "REPLACED", "Decision", "DirectoryLock", "RunDir", "RunDirError", "Seen",
+           "checkpoint_config_differences", "config_differences_from", "decide"]

@@ -167,13 +167,14 @@ class Trainer:
         # only now, with data and model known to be usable, is the run directory touched
         self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
         resume_path = self.rundir.open(resume, overwrite)
-        if resume_path is not None:
-            try:
+        self.resumed = resume_path is not None
+        try:  # from here to run()'s end, whatever is raised takes away what this run created
+            if resume_path is not None:
                 self._load(resume_path)
-            except BaseException:
-                self.rundir.close(discard=True)
-                raise
-        self.progress.total = self.total_steps
+            self.progress.total = self.total_steps
+        except BaseException:
+            self.rundir.close(discard=True)
+            raise
 
     def _model_options(self) -> dict[str, Any]:
         """The config's options, with the input's channels and size filled in where the model takes them."""
@@ -203,7 +204,7 @@ class Trainer:
 
     def _payload(self) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": ckpt.FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -211,6 +212,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "world_size": self.env.world_size,
             "micro_batch": self.micro_batch,
+            "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None,
             "config": to_dict(self.config),
         }
 
@@ -225,6 +227,13 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
                                        f"{str(err).splitlines()[0][:200]}") from None
+        named = ckpt.step_of_name(path)
+        if named is not None and named != self.step:
+            self.progress.message(f"checkpoint {path.name} holds step {self.step}, not {named} (renamed?); "
+                                  f"resuming at step {self.step}")
+        if not (self.run_dir / "checkpoints" / "best.pt").exists():
+            self.best_top1 = -1.0  # a fork (or a run whose best.pt is gone) writes its own best.pt
+        self._keep_threads(payload.get("threads"))
         if self.step > self.total_steps:
             raise ConfigError(f"checkpoint {path} is at step {self.step}, beyond this run's {self.total_steps} steps")
         if payload.get("world_size") != self.env.world_size:
@@ -232,7 +241,26 @@ class Trainer:
                 f"resuming a run of world size {payload.get('world_size')} with {self.env.world_size}: "
                 f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
             )
+        elif isinstance(payload.get("micro_batch"), int) and payload["micro_batch"] != self.micro_batch:
+            self.progress.message(
+                f"resuming a run of micro-batch {payload['micro_batch']} with {self.micro_batch}: "
+                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
+            )
         self.progress.message(f"resumed from {path} at step {self.step}")
+
+    def _keep_threads(self, threads: Any) -> None:
+        """A resumed CPU run keeps its thread count (results differ in the last bits with another)
+        unless the config sets one; a set count that differs from the run's is announced."""
+        now = torch.get_num_threads()
+        if self.env.device.type != "cpu" or not isinstance(threads, int) or threads == now:
+            return
+        if self.config.threads is None:
+            torch.set_num_threads(threads)
+            self.progress.message(f"keeping the run's {threads} CPU thread(s) (this machine would use {now}; "
+                                  "set threads to change it)")
+        else:
+            self.progress.message(f"resuming a run of {threads} CPU thread(s) with {now}: "
+                                  "results may differ from an uninterrupted run in the last bits")
 
     def _agree(self, error: str | None) -> None:
         """Rank 0's write result, shared so that every rank stops together on a failed write."""
@@ -246,16 +274,22 @@ class Trainer:
         error = None
         if self.env.is_main:
             directory = self.run_dir / "checkpoints"
+            moved = self.rundir.moved_to()
+            if moved is not None:  # write where the run now is, never re-create the old path
+                directory = moved / "checkpoints"
             try:
-                if name is None:
+                if name is not None:
+                    ckpt.save_checkpoint(directory / name, self._payload())
+                if name is None or moved is not None:  # a moved run stops with its step's checkpoint
                     step, rank = self.step, self.env.rank
                     ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
                                          before_commit=lambda: faults.maybe_kill("checkpoint", step, rank))
                     ckpt.prune(directory, self.config.keep_checkpoints)
-                else:
-                    ckpt.save_checkpoint(directory / name, self._payload())
             except ckpt.CheckpointError as err:
                 error = str(err)
+            if moved is not None and error is None:
+                error = (f"run directory {self.run_dir} was moved to {moved} while the run ran; stopped at step "
+                         f"{self.step} with its checkpoint there; continue with --out {moved} --resume auto")
         self._agree(error)
 
     def _check_finite(self) -> None:
@@ -373,10 +407,11 @@ class Trainer:
         start_step, finished = self.step, False
         previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         last_eval: dict[str, Any] = {}
-        self._announce()
         try:
+            self._announce()
             if self.env.is_main:
-                writer = MetricsWriter(self.run_dir, resume_after_step=self.step, notice=self.progress.message)
+                writer = MetricsWriter(self.run_dir, resume_after_step=self.step if self.resumed else None,
+                                       notice=self.progress.message)
             window = _Window(self.env.device)
             for micro, data_s in _timed(self._batches()):
                 window.data_s += data_s
