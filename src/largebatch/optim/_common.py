@@ -189,11 +189,11 @@ def check_implementation(group: dict, allowed: Sequence[str], owner: str) -> Non
             f"{owner}: implementation={choice!r} contradicts foreach={group.get('foreach')}, "
             f"fused={group.get('fused')}; give one or the other"
         )
+    check_path_computes(group, owner, choice if choice != "auto" else flagged)
     if choice == "triton" and group["params"]:
         from largebatch.optim._triton import check_usable
 
         check_usable(group["params"][0].device, owner)
-    check_path_computes(group, owner, choice if choice != "auto" else flagged)
 
 
 def check_path_computes(group: dict, owner: str, path: str | None) -> None:
