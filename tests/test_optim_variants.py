@@ -285,9 +285,12 @@ def test_variant_overrides_and_groups_given_as_groups():
     opt = variant("timm-lamb", model, lr=0.02, max_grad_norm=None, betas=(0.8, 0.9))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # weight; bias and norm tensors
     assert opt.param_groups[0]["max_grad_norm"] is None and opt.param_groups[0]["betas"] == (0.8, 0.9)
-    groups = [{"params": list(model.parameters()), "weight_decay": 0.5}]
-    opt = variant("vicreg", groups, lr=0.1)
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.5, "lr": 0.3}]
+    opt = variant("timm-lamb", groups)  # timm excludes when it builds groups: given ones are kept
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.5
+    opt = variant("vicreg", groups, lr=0.1)  # VICReg's optimizer tests each tensor itself
+    assert [(len(g["params"]), g["lars_adapt"], g["weight_decay"], g["lr"]) for g in opt.param_groups] == [
+        (1, True, 0.5, 0.3), (3, False, 0.0, 0.3)]
     assert opt.param_groups[0]["denominator"] == "update" and not opt.param_groups[0]["lr_in_momentum"]
 
 

@@ -43,6 +43,9 @@ class Variant:
     source: str
     options: Mapping[str, Any] = field(default_factory=dict)
     exclude: str = "none"
+    # True where the codebase's optimizer itself tests each tensor (solo-learn, VICReg, ...):
+    # the exclusion then applies inside parameter groups given by the caller too.
+    exclude_inside: bool = False
 
 
 _TORCH_STYLE = dict(lr_in_momentum=False)
@@ -76,31 +79,31 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType({
         "LARS", "solo-learn's LARS as its recipes set it: eta 0.02, LARC clip, 1-D tensors excluded",
         "vturrisi/solo-learn solo/utils/lars.py (recipes: scripts/pretrain/*/*.yaml)",
         dict(momentum=0.9, trust_coefficient=0.02, eps=1e-8, clip="larc", zero_norm="skip", **_TORCH_STYLE),
-        exclude="both",
+        exclude="both", exclude_inside=True,
     ),
     "vicreg": Variant(
         "LARS", "VICReg / Barlow Twins LARS: torch-style, r = eta|w|/|g+bw|, 1-D tensors excluded",
         "facebookresearch/vicreg main_vicreg.py; facebookresearch/barlowtwins main.py",
         dict(momentum=0.9, trust_coefficient=0.001, eps=0.0, denominator="update", **_TORCH_STYLE),
-        exclude="both",
+        exclude="both", exclude_inside=True,
     ),
     "byol": Variant(
         "LARS", "optax.lars as BYOL uses it: lr inside the momentum, r = eta|w|/(|g+bw|+e), 1-D excluded",
         "google-deepmind/optax optax/_src/alias.py (lars); deepmind-research byol",
         dict(momentum=0.9, trust_coefficient=0.001, eps=0.0, denominator="update"),
-        exclude="both",
+        exclude="both", exclude_inside=True,
     ),
     "simclr": Variant(
         "LARS", "SimCLR's LARSOptimizer (classic momentum): lr inside, r = eta|w|/|g+bw|, 1-D excluded",
         "google-research/simclr lars_optimizer.py (tf2/lars_optimizer.py)",
         dict(momentum=0.9, trust_coefficient=0.001, eps=0.0, denominator="update"),
-        exclude="both",
+        exclude="both", exclude_inside=True,
     ),
     "vissl": Variant(
         "LARS", "VISSL's LARS: torch-style, r = eta|w|/|g+bw|, 1-D tensors decayed but not adapted",
         "facebookresearch/vissl vissl/optimizers/lars.py",
         dict(lr=0.1, momentum=0.9, trust_coefficient=0.001, eps=0.0, denominator="update", **_TORCH_STYLE),
-        exclude="ratio",
+        exclude="ratio", exclude_inside=True,
     ),
     "apex-larc": Variant(
         "LARS", "apex LARC (clip=True) around torch SGD(momentum=0.9): min(r, lr), zero norm skips both",
@@ -133,17 +136,18 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType({
 })
 
 
-def _plain_groups(params: list[Tensor], exclude: str) -> list[dict[str, Any]]:
-    """Split plain tensors into groups the way a codebase treats its 1-D tensors."""
+def _split(group: dict[str, Any], exclude: str) -> list[dict[str, Any]]:
+    """A group split the way a codebase treats its 1-D tensors (other keys kept on both halves)."""
+    params = list(group["params"])
     if exclude == "none":
-        return [{"params": params}]
+        return [{**group, "params": params}]
     low = [p for p in params if p.ndim <= 1]
     high = [p for p in params if p.ndim > 1]
     excluded = {"both": {"lars_adapt": False, "weight_decay": 0.0}, "decay": {"weight_decay": 0.0},
                 "ratio": {"lars_adapt": False}}[exclude]
-    groups = [{"params": high}] if high else []
+    groups = [{**group, "params": high}] if high else []
     if low:
-        groups.append({"params": low, **excluded})
+        groups.append({**group, "params": low, **excluded})
     return groups
 
 
@@ -151,7 +155,9 @@ def variant(name: str, params: nn.Module | Iterable[Tensor] | Iterable[dict[str,
     """The optimizer ``name`` (a key of :data:`VARIANTS`) over ``params``.
 
     ``params`` may be a module, plain tensors (split as that codebase splits them) or
-    parameter groups (taken as given). ``options`` override the variant's defaults; which
+    parameter groups (taken as given, except that where the codebase's optimizer itself tests
+    each tensor, as solo-learn's, VICReg's, VISSL's, optax's and SimCLR's do, its 1-D tensors
+    are treated as there). ``options`` override the variant's defaults; which
     ones may be set is listed in :data:`OVERRIDABLE`.
     """
     if name not in VARIANTS:
@@ -169,6 +175,8 @@ def variant(name: str, params: nn.Module | Iterable[Tensor] | Iterable[dict[str,
         params = [p for p in params.parameters() if p.requires_grad]
     items = list(params)
     if items and not isinstance(items[0], dict):
-        items = _plain_groups(items, spec.exclude)
+        items = _split({"params": items}, spec.exclude)
+    elif spec.exclude_inside:
+        items = [half for group in items for half in _split(group, spec.exclude)]
     cls = LARS if spec.optimizer == "LARS" else LAMB
     return cls(items, variant=name, **chosen)
