@@ -383,7 +383,8 @@ def _multi_tensor_lars(
 
     Written as scaled accumulations (addcmul with per-tensor rate c = lr*r) so that no temporary
     the size of the model is allocated: 13 memory passes with momentum and weight decay (the
-    ``denominator="update"`` option adds one temporary, g + b*w, for its norms).
+    ``denominator="update"`` option makes one temporary, g + b*w, for its norms, then steps
+    along it, for about the same number of passes).
     """
     lists: list[list[Any]] = [params, grads]
     if bufs is not None:
@@ -396,11 +397,15 @@ def _multi_tensor_lars(
         vs = bucket[2] if bufs is not None else None
         dtype, device = ps[0].dtype, ps[0].device
         decay: Tensor | float = weight_decay
+        direction, wd = gs, weight_decay  # wd: the decay still to add to `direction`
         if adapt:
-            def update_norms(ps=ps, gs=gs) -> Tensor:
+            decayed: list[list[Tensor]] = []
+
+            def update_norms(ps=ps, gs=gs, decayed=decayed) -> Tensor:
                 if weight_decay == 0:
                     return tensor_norms(gs)
-                return tensor_norms(torch._foreach_add(gs, ps, alpha=weight_decay))
+                decayed.append(torch._foreach_add(gs, ps, alpha=weight_decay))
+                return tensor_norms(decayed[0])
 
             q, skip_decay = _ratios(
                 tensor_norms(ps), lambda gs=gs: tensor_norms(gs), update_norms,
@@ -410,20 +415,22 @@ def _multi_tensor_lars(
             c = (q * lr_in).to(dtype)
             if skip_decay is not None:
                 decay = skip_decay.to(dtype)
+            elif decayed:  # g + b*w is already there for the norms: step along it
+                direction, wd = decayed[0], 0.0
         else:
             c = torch.as_tensor(lr_in, dtype=dtype, device=device).expand(len(ps))
         c_buf = c if keep is None else c * torch.tensor(bucket[-1], dtype=dtype, device=device)
         if vs is not None:
             torch._foreach_mul_(vs, momentum)
-            torch._foreach_addcmul_(vs, gs, list(c_buf.unbind(0)))
-            if weight_decay != 0:
+            torch._foreach_addcmul_(vs, direction, list(c_buf.unbind(0)))
+            if wd != 0:
                 torch._foreach_addcmul_(vs, ps, list((c_buf * decay).unbind(0)))
         if vs is None or nesterov:
             # w <- w - k*(g + b*w) [- lr_out*m*v_new], k = lr*r: the decay as a rescaling of w
             k = c if lr_in_momentum else c * _as_device_scalar(lr, dtype, device)
-            if weight_decay != 0:
+            if wd != 0:
                 torch._foreach_mul_(ps, list((1 - k * decay).unbind(0)))
-            torch._foreach_addcmul_(ps, gs, list((-k).unbind(0)))
+            torch._foreach_addcmul_(ps, direction, list((-k).unbind(0)))
             if vs is not None:
                 if lr_in_momentum or not isinstance(lr, Tensor):
                     torch._foreach_add_(ps, vs, alpha=-momentum * (1.0 if lr_in_momentum else lr))
