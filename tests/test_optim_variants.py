@@ -400,3 +400,11 @@ def test_complex_parameters_are_refused_in_one_line(make):
 def test_bad_lars_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LARS([torch.nn.Parameter(torch.ones(2))], lr=0.1, **kwargs)
+
+
+def test_docs_describe_every_variant():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "optimizers.md").read_text()
+    for name in VARIANTS:
+        assert f"| `{name}` |" in text, name
