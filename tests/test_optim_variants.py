@@ -408,3 +408,23 @@ def test_docs_describe_every_variant():
     text = (Path(__file__).resolve().parents[1] / "docs" / "optimizers.md").read_text()
     for name in VARIANTS:
         assert f"| `{name}` |" in text, name
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_step_never_syncs_and_never_writes_grad(name, path, seed):
+    from test_lars import _NoHostSync
+
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = variant(name, params, lr=torch.tensor(0.1), implementation=path)
+    if name == "lightly":
+        opt.param_groups[0].update(momentum=0.9, dampening=0.1)  # the buffer's first-step rule too
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    grads_before = [p.grad.clone() for p in params]
+    with _NoHostSync():
+        opt.step()
+        opt.step()
+    for p, g in zip(params, grads_before, strict=True):
+        assert torch.equal(p.grad, g)

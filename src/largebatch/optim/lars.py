@@ -356,7 +356,7 @@ def _sub_scaled(p: Tensor, x: Tensor, lr_in_momentum: bool, lr: float | Tensor) 
     if lr_in_momentum:
         p.sub_(x)
     elif isinstance(lr, Tensor):
-        p.sub_(x * lr.to(device=p.device))
+        p.sub_(x * lr.to(device=p.device, non_blocking=True))
     else:
         p.add_(x, alpha=-lr)
 
@@ -419,7 +419,7 @@ def _multi_tensor_lars(
                 direction, wd = decayed[0], 0.0
         else:
             c = torch.as_tensor(lr_in, dtype=dtype, device=device).expand(len(ps))
-        c_buf = c if keep is None else c * torch.tensor(bucket[-1], dtype=dtype, device=device)
+        c_buf = c if keep is None else c * torch.tensor(bucket[-1], dtype=dtype).to(device, non_blocking=True)
         if vs is not None:
             torch._foreach_mul_(vs, momentum)
             torch._foreach_addcmul_(vs, direction, list(c_buf.unbind(0)))
