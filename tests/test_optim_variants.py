@@ -428,3 +428,23 @@ def test_variant_step_never_syncs_and_never_writes_grad(name, path, seed):
         opt.step()
     for p, g in zip(params, grads_before, strict=True):
         assert torch.equal(p.grad, g)
+
+
+def test_the_two_momentum_conventions_agree_at_a_constant_lr_and_part_under_a_schedule(seed):
+    """With lr fixed, lr*v (paper) and v (torch) are the same update; once lr moves they are not."""
+    init, grads = _problem(seed)
+
+    def final(lr_in_momentum, peak, constant):
+        params = [torch.nn.Parameter(torch.tensor(w)) for w in init]
+        opt = LARS(params, lr=peak, weight_decay=1e-3, trust_coefficient=0.01, lr_in_momentum=lr_in_momentum)
+        for step, gs in enumerate(grads[:40]):
+            for p, g in zip(params, gs, strict=True):
+                p.grad = torch.tensor(g)
+            opt.param_groups[0]["lr"] = peak if constant else _lr(step + 1, peak)
+            opt.step()
+        return [p.detach().numpy() for p in params]
+
+    for a, b in zip(final(True, 2.0, True), final(False, 2.0, True), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    apart = max(np.abs(a - b).max() for a, b in zip(final(True, 2.0, False), final(False, 2.0, False), strict=True))
+    assert apart > 1e-3
