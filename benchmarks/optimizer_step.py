@@ -122,16 +122,17 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved_medians(
-    steps: dict[str, Callable[[], None]], rounds: int, device: torch.device
+    steps: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -207,10 +208,16 @@ def main() -> None:
                         help="do not measure the compiled path's first step in a fresh process")
     parser.add_argument("--variants", action="store_true",
                         help="time every published LARS variant's default path instead (ResNet-50 set)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time, or this process's CPU time (user + system), which other "
+                             "processes on a shared CPU machine disturb less (default: wall)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("largebatch: error: --device cuda, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.variants:
         run_variants(args, device)
         return
@@ -264,14 +271,16 @@ def run_variants(args: argparse.Namespace, device: torch.device) -> None:
     for step in steps.values():  # warm-up: allocate state
         step()
         step()
-    medians = interleaved_medians(steps, args.rounds, device)
-    command = f"python benchmarks/optimizer_step.py --device {args.device} --rounds {args.rounds} --variants"
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    medians = interleaved_medians(steps, args.rounds, device, clock)
+    command = " ".join(["python", *sys.argv])
     lines = [
         f"## LARS variants on {args.device}",
         "",
         f"Command: `{command}`",
         "",
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Median of {args.rounds} interleaved rounds.",
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Median of {args.rounds} interleaved rounds "
+        f"of {'process CPU time' if args.clock == 'process' else 'wall time'}.",
         "",
         *table("ResNet-50 parameter set (161 tensors, 25.6M fp32 values)", medians, None),
     ]
