@@ -448,3 +448,27 @@ def test_the_two_momentum_conventions_agree_at_a_constant_lr_and_part_under_a_sc
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     apart = max(np.abs(a - b).max() for a, b in zip(final(True, 2.0, False), final(False, 2.0, False), strict=True))
     assert apart > 1e-3
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_lr_as_a_tensor_equals_lr_as_a_float(name, path, seed):
+    init, grads = _problem(seed)
+    lars = VARIANTS[name].optimizer == "LARS"
+    extra = dict(momentum=0.9, weight_decay=1e-3) if lars else dict(weight_decay=0.01)
+    runs = []
+    for as_tensor in (False, True):
+        params = [torch.nn.Parameter(torch.tensor(w)) for w in init]
+        opt = variant(name, params, lr=0.0, implementation=path, **extra)
+        if lars:
+            opt.param_groups[0]["nesterov"] = name == "timm-lars"  # the nesterov branch too
+        for step, gs in enumerate(grads[:25]):
+            for p, g in zip(params, gs, strict=True):
+                p.grad = torch.tensor(g)
+            for group in opt.param_groups:
+                lr = _lr(step, 2.0 if lars else 0.05)
+                group["lr"] = torch.tensor(lr, dtype=torch.float64) if as_tensor else lr
+            opt.step()
+        runs.append([p.detach().numpy() for p in params])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)

@@ -446,8 +446,11 @@ def _multi_tensor_lars(
             torch._foreach_add_(ps, vs, alpha=-lr)
 
 
-def _as_device_scalar(lr: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.as_tensor(lr, dtype=dtype).to(device, non_blocking=True)
+def _as_device_scalar(lr: float | Tensor, dtype: torch.dtype, device: torch.device) -> float | Tensor:
+    """A tensor rate as a 0-dim tensor of the parameters' dtype and device; a float as itself."""
+    if not isinstance(lr, Tensor):
+        return lr
+    return lr.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _triton_lars(
