@@ -472,3 +472,24 @@ def test_lr_as_a_tensor_equals_lr_as_a_float(name, path, seed):
         runs.append([p.detach().numpy() for p in params])
     for a, b in zip(*runs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("name", ["paper", "lamb-paper"])
+def test_variants_the_kernels_compute_follow_the_formula_on_triton(name, seed, monkeypatch):
+    """Triton's CPU interpreter runs the GPU kernels: float32, the first 30 steps of the schedule
+    (warm-up and the start of the cosine: the interpreter takes 0.15 s a step)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    init, grads = _problem(seed)
+    grads = grads[:30]
+    start = [w.astype(np.float32).astype(np.float64) for w in init]
+    if name in LARS_PUBLISHED:
+        got, _ = _run(lambda ps: variant(name, ps, lr=0.0, weight_decay=1e-3, implementation="triton"),
+                      [w.astype(np.float32) for w in init], grads, torch.float32, 2.0)
+        want = _lars_reference(LARS_PUBLISHED[name], start, grads, 2.0, 1e-3)
+    else:
+        got, _ = _run(lambda ps: variant(name, ps, weight_decay=0.01, implementation="triton"),
+                      [w.astype(np.float32) for w in init], grads, torch.float32, 0.05)
+        want = _lamb_reference(LAMB_PUBLISHED[name], start, grads, 0.05, 0.01)
+    _check(got, want, start, torch.float32)
