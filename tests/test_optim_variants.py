@@ -3,6 +3,7 @@ written from each codebase's formula (tests/reference.py), over 100 steps of war
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -493,3 +494,56 @@ def test_variants_the_kernels_compute_follow_the_formula_on_triton(name, seed, m
                       [w.astype(np.float32) for w in init], grads, torch.float32, 0.05)
         want = _lamb_reference(LAMB_PUBLISHED[name], start, grads, 0.05, 0.01)
     _check(got, want, start, torch.float32)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("timm-lars", lambda optim, groups: optim.Lars(groups, lr=0.0, momentum=0.9)),
+    ("timm-lamb", lambda optim, groups: optim.Lamb(groups, lr=0.0)),
+])
+def test_a_peer_state_loads_into_its_variant_exactly(name, make, seed):
+    """timm trains 40 steps; its state loads into variant(name); both go on for 40 more steps."""
+    optim = _timm()
+    init, grads = _problem(seed)
+    peak, wd = (2.0, 1e-3) if name == "timm-lars" else (0.05, 0.01)
+
+    def groups(ps):
+        return [{"params": [p for p in ps if p.ndim > 1], "weight_decay": wd},
+                {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0}]
+
+    def steps(opt, params, first):
+        for step in range(first, first + 40):
+            for p, g in zip(params, grads[step], strict=True):
+                p.grad = torch.tensor(g)
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, peak)
+            opt.step()
+
+    theirs = [torch.nn.Parameter(torch.tensor(w)) for w in init]
+    timm_opt = make(optim, groups(theirs))
+    steps(timm_opt, theirs, 0)
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    mine = variant(name, ours, lr=0.0, weight_decay=wd)
+    mine.load_state_dict(copy.deepcopy(timm_opt.state_dict()))  # as a checkpoint holds it: no shared buffers
+    assert all(g["variant"] == name for g in mine.param_groups)
+    steps(timm_opt, theirs, 40)
+    steps(mine, ours, 40)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_vicreg_state_loads_with_its_buffer_renamed():
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))]
+    buffers = [torch.full((3, 2), 0.5), torch.full((2,), -0.25)]
+    theirs = {"state": {0: {"mu": buffers[0]}, 1: {"mu": buffers[1]}},
+              "param_groups": [{"lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9, "eta": 0.001,
+                                "weight_decay_filter": None, "lars_adaptation_filter": None, "params": [0]},
+                               {"lr": 0.3, "weight_decay": 0.0, "momentum": 0.9, "eta": 0.001,
+                                "weight_decay_filter": None, "lars_adaptation_filter": None, "params": [1]}]}
+    opt = variant("vicreg", params, lr=0.0)
+    opt.load_state_dict(theirs)
+    assert [torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params, buffers, strict=True)] == [
+        True, True]
+    assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]
+    assert opt.param_groups[0]["denominator"] == "update" and opt.param_groups[1]["lars_adapt"] is False
+    with pytest.raises(ValueError, match="lacks trust_coefficient, lars_adapt"):
+        variant("byol", params, lr=0.0).load_state_dict(theirs)  # lr inside the buffer: not the same thing

@@ -14,6 +14,7 @@ __all__ = [
     "KERNEL_OPTIONS",
     "PATH_KEYS",
     "accumulation_dtype",
+    "adopt_peer_state",
     "amp_scaling_supported",
     "check_implementation",
     "check_loadable",
@@ -109,6 +110,45 @@ def check_loadable(
                     f"{owner}.load_state_dict: the state was written with {key}={before!r} and this optimizer has "
                     f"{key}={now!r}; its buffers mean something else here, so it is refused"
                 )
+
+
+# Hyper-parameters every peer's group spells as we do; a peer's state brings these along.
+_SHARED_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps", "betas")
+
+
+def adopt_peer_state(
+    state_dict: dict, groups: Sequence[dict], own_keys: Sequence[str], renames: dict[str, str],
+    step_from_group: bool = False,
+) -> dict | None:
+    """A state written by the codebase this optimizer's variant reproduces, rewritten as ours, or None.
+
+    Applies only when no saved group is ours (lacks ``own_keys``) and every group of this
+    optimizer was built by :func:`largebatch.optim.variant`, which the caller checks names a
+    variant whose buffers hold what the peer's do: the conversion is then exact. The options
+    come from this optimizer, the hyper-parameters every peer spells as we do (lr, momentum,
+    weight decay, ...) from the state; buffers are renamed (VICReg's ``mu``), and a per-group
+    step count (timm's and apex's LAMB) becomes each tensor's.
+    """
+    saved_groups = state_dict["param_groups"]
+    if any(all(k in saved for k in own_keys) for saved in saved_groups):
+        return None
+    if len(saved_groups) != len(groups) or not all(g.get("variant") for g in groups):
+        return None
+    param_groups = []
+    for saved, group in zip(saved_groups, groups, strict=True):
+        new = {k: v for k, v in group.items() if k != "params"}
+        new.update({k: saved[k] for k in _SHARED_KEYS if k in saved})
+        if "betas" in new:
+            new["betas"] = tuple(new["betas"])
+        new["params"] = saved["params"]
+        param_groups.append(new)
+    state = {index: {renames.get(k, k): v for k, v in entry.items()} for index, entry in state_dict["state"].items()}
+    if step_from_group:
+        for saved in saved_groups:
+            for index in saved["params"]:
+                if index in state and "step" not in state[index] and "step" in saved:
+                    state[index]["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+    return {"state": state, "param_groups": param_groups}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from largebatch.optim import _triton
 from largebatch.optim._common import (
     IMPLEMENTATIONS,
+    adopt_peer_state,
     amp_scaling_supported,
     check_implementation,
     check_loadable,
@@ -126,7 +127,11 @@ class LAMB(Optimizer):
         """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
         one this optimizer was built with: the saved state is the same on every path. A state
         written by another optimizer, or whose moments follow another convention
-        (``grad_averaging``, ``adam_w_mode``), is refused in one line."""
+        (``grad_averaging``, ``adam_w_mode``), is refused in one line, except the state of the
+        codebase a :func:`~largebatch.optim.variant` reproduces (timm's or apex's LAMB: the same
+        moments, and their per-group step count becomes each tensor's)."""
+        state_dict = adopt_peer_state(state_dict, self.param_groups, ("betas", "lars_adapt"), {},
+                                      step_from_group=True) or state_dict
         check_loadable("LAMB", state_dict["param_groups"], self.param_groups, ("betas", "lars_adapt"),
                        {"grad_averaging": True, "adam_w_mode": True})
         load_keeping_path_choice(self, super().load_state_dict, state_dict)

@@ -30,6 +30,7 @@ from largebatch.optim import _triton
 from largebatch.optim._common import (
     IMPLEMENTATIONS,
     accumulation_dtype,
+    adopt_peer_state,
     amp_scaling_supported,
     check_implementation,
     check_loadable,
@@ -178,7 +179,13 @@ class LARS(Optimizer):
         """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
         one this optimizer was built with: the saved state is the same on every path. A state
         written by another optimizer, or with the rate on the other side of the momentum
-        buffer, is refused in one line (its buffers would be misread)."""
+        buffer, is refused in one line (its buffers would be misread), except the state of the
+        torch-convention codebase a :func:`~largebatch.optim.variant` reproduces, which is
+        converted (exactly: the buffers mean the same)."""
+        if all(g["variant"] and not g["lr_in_momentum"] for g in self.param_groups):
+            # torch's convention, as timm, lightly, solo-learn, VICReg, VISSL and apex LARC keep it
+            state_dict = adopt_peer_state(state_dict, self.param_groups, ("trust_coefficient", "lars_adapt"),
+                                          {"mu": "momentum_buffer"}) or state_dict
         check_loadable("LARS", state_dict["param_groups"], self.param_groups,
                        ("trust_coefficient", "lars_adapt"), {"lr_in_momentum": True})
         load_keeping_path_choice(self, super().load_state_dict, state_dict)
