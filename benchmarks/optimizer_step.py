@@ -1,7 +1,7 @@
 """Time of one optimizer step against torch's SGD in the same run, on two parameter sets.
 
     python benchmarks/optimizer_step.py [--device cpu|cuda] [--rounds 25] [--out FILE]
-                                        [--skip-cold-compile]
+                                        [--skip-cold-compile] [--variants]
 
 Parameter sets: ResNet-50's 161 tensors (25.6M fp32 values) and 2,000 tensors of 4,096 values
 (the many-small-tensors case, where per-tensor launches dominate). Gradients are fixed. Rounds
@@ -15,7 +15,9 @@ with an empty compile cache; that of the default path in this process.
 
 Variants: torch SGD (fused on CUDA, foreach), torch Adam (fused on CUDA; foreach on the CPU),
 largebatch LARS on each of its paths (default, triton on CUDA, foreach, compiled, single) and
-LAMB (default, foreach), timm's Lars when timm is installed.
+LAMB (default, foreach), timm's Lars when timm is installed. ``--variants`` instead times each
+published LARS variant of ``largebatch.optim.VARIANTS`` on its default path (ResNet-50 set only,
+momentum 0.9 for all) against torch's SGD, into the section "## LARS variants on DEVICE".
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from largebatch.optim import LAMB, LARS
+from largebatch.optim import LAMB, LARS, VARIANTS, variant
 
 WEIGHT_DECAY = 5e-4
 MEMORY_PASSES = 7
@@ -92,22 +94,45 @@ def make_variants(base: list[torch.Tensor], device: torch.device, full: bool) ->
     return variants
 
 
+def make_lars_variants(base: list[torch.Tensor], device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """torch's SGD (the baseline), then every published LARS variant on its default path."""
+    grads = [torch.randn_like(t) * 1e-3 for t in base]
+
+    def params() -> list[torch.nn.Parameter]:
+        ps = [torch.nn.Parameter(t.clone()) for t in base]
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g
+        return ps
+
+    fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    variants: dict[str, torch.optim.Optimizer] = {
+        f"torch SGD ({next(iter(fused))})": torch.optim.SGD(params(), lr=0.1, momentum=0.9,
+                                                            weight_decay=WEIGHT_DECAY, **fused)
+    }
+    for name, spec in VARIANTS.items():
+        if spec.optimizer == "LARS":
+            variants[f"variant {name}, default"] = variant(name, params(), lr=0.1, momentum=0.9,
+                                                           weight_decay=WEIGHT_DECAY)
+    return variants
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def interleaved_medians(
-    steps: dict[str, Callable[[], None]], rounds: int, device: torch.device
+    steps: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -181,10 +206,21 @@ def main() -> None:
                              "by this run's tables, other sections kept (default: %(default)s)")
     parser.add_argument("--skip-cold-compile", action="store_true",
                         help="do not measure the compiled path's first step in a fresh process")
+    parser.add_argument("--variants", action="store_true",
+                        help="time every published LARS variant's default path instead (ResNet-50 set)")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time, or this process's CPU time (user + system), which other "
+                             "processes on a shared CPU machine disturb less (default: wall)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("largebatch: error: --device cuda, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variants:
+        run_variants(args, device)
+        return
 
     compile_s = None if args.skip_cold_compile else cold_first_step_seconds(args.device)
     sections = []
@@ -227,6 +263,30 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(Path(args.out), f"## Optimizer step on {args.device}", text)
+
+
+def run_variants(args: argparse.Namespace, device: torch.device) -> None:
+    variants = make_lars_variants(resnet50_tensors(device), device)
+    steps = {name: opt.step for name, opt in variants.items()}
+    for step in steps.values():  # warm-up: allocate state
+        step()
+        step()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    medians = interleaved_medians(steps, args.rounds, device, clock)
+    command = " ".join(["python", *sys.argv])
+    lines = [
+        f"## LARS variants on {args.device}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Median of {args.rounds} interleaved rounds "
+        f"of {'process CPU time' if args.clock == 'process' else 'wall time'}.",
+        "",
+        *table("ResNet-50 parameter set (161 tensors, 25.6M fp32 values)", medians, None),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(Path(args.out), f"## LARS variants on {args.device}", text)
 
 
 def write_section(path: Path, heading: str, text: str) -> None:

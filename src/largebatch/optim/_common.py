@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "KERNEL_OPTIONS",
     "PATH_KEYS",
     "accumulation_dtype",
+    "adopt_peer_state",
     "amp_scaling_supported",
     "check_implementation",
+    "check_loadable",
     "check_lr",
     "check_nonnegative",
+    "check_path_computes",
+    "check_real",
     "chosen_implementation",
     "collect_grads",
     "group_by_device_and_dtype",
+    "kernel_refusal",
     "load_keeping_path_choice",
     "safe_ratio",
     "tensor_norm",
@@ -29,6 +36,20 @@ IMPLEMENTATIONS = ("auto", "triton", "foreach", "compiled", "single")
 # Group keys that choose how the update is computed, not what it is: they belong to the process
 # that steps (its device, its installed packages), not to a checkpoint.
 PATH_KEYS = ("implementation", "foreach", "fused")
+# Options the Triton kernels (and LARS's compiled kernel) compute only at these values: the
+# published variants that need others run on "foreach" or "single". A group without the key has
+# the value shown (a checkpoint written before the option existed, or the other optimizer's group).
+KERNEL_OPTIONS = {
+    "lr_in_momentum": True,
+    "denominator": "sum",
+    "zero_norm": "unit",
+    "dampening": 0.0,
+    "max_grad_norm": None,
+    "bias_correction": True,
+    "adam_w_mode": True,
+    "grad_averaging": True,
+    "trust_clip": False,
+}
 
 
 def check_lr(lr: float | Tensor) -> None:
@@ -43,6 +64,91 @@ def check_lr(lr: float | Tensor) -> None:
 def check_nonnegative(name: str, value: float) -> None:
     if not value >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_real(params: Iterable[Tensor], owner: str) -> None:
+    """Refuse complex parameters in one line: the norms and squares would silently be wrong."""
+    for p in params:
+        if isinstance(p, Tensor) and p.is_complex():
+            raise TypeError(f"{owner} does not support complex parameters (got a {p.dtype} tensor of shape "
+                            f"{tuple(p.shape)}); optimize its real and imaginary parts as real tensors")
+
+
+def kernel_refusal(group: dict) -> str | None:
+    """``"option=value"`` for the first option of ``group`` that the kernels do not compute, else None."""
+    for key, computed in KERNEL_OPTIONS.items():
+        value = group.get(key, computed)
+        if value != computed:
+            return f"{key}={value!r}"
+    if group.get("clip") == "larc":
+        return "clip='larc'"
+    return None
+
+
+def check_loadable(
+    owner: str, saved_groups: Sequence[dict], groups: Sequence[dict], own_keys: Sequence[str],
+    conventions: dict[str, Any],
+) -> None:
+    """Refuse, in one line, a state whose buffers mean something else here.
+
+    A state without ``own_keys`` in its groups was written by another optimizer (torch's SGD,
+    timm, lightly...): its momentum buffer may hold lr*v or v, so it is refused rather than
+    misread. A state of ours whose buffer convention (``conventions``: key -> value implied when
+    the key is absent, i.e. before the option existed) differs from this optimizer's is refused too.
+    """
+    for index, (saved, group) in enumerate(zip(saved_groups, groups, strict=False)):
+        missing = [k for k in own_keys if k not in saved]
+        if missing:
+            raise ValueError(
+                f"{owner}.load_state_dict: group {index} of this state lacks {', '.join(missing)}: it was not "
+                f"written by largebatch's {owner}, and its buffers may follow another convention; refused"
+            )
+        for key, implied in conventions.items():
+            before, now = saved.get(key, implied), group.get(key, implied)
+            if before != now:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the state was written with {key}={before!r} and this optimizer has "
+                    f"{key}={now!r}; its buffers mean something else here, so it is refused"
+                )
+
+
+# Hyper-parameters every peer's group spells as we do; a peer's state brings these along.
+_SHARED_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "eps", "betas")
+
+
+def adopt_peer_state(
+    state_dict: dict, groups: Sequence[dict], own_keys: Sequence[str], renames: dict[str, str],
+    step_from_group: bool = False,
+) -> dict | None:
+    """A state written by the codebase this optimizer's variant reproduces, rewritten as ours, or None.
+
+    Applies only when no saved group is ours (lacks ``own_keys``) and every group of this
+    optimizer was built by :func:`largebatch.optim.variant`, which the caller checks names a
+    variant whose buffers hold what the peer's do: the conversion is then exact. The options
+    come from this optimizer, the hyper-parameters every peer spells as we do (lr, momentum,
+    weight decay, ...) from the state; buffers are renamed (VICReg's ``mu``), and a per-group
+    step count (timm's and apex's LAMB) becomes each tensor's.
+    """
+    saved_groups = state_dict["param_groups"]
+    if any(all(k in saved for k in own_keys) for saved in saved_groups):
+        return None
+    if len(saved_groups) != len(groups) or not all(g.get("variant") for g in groups):
+        return None
+    param_groups = []
+    for saved, group in zip(saved_groups, groups, strict=True):
+        new = {k: v for k, v in group.items() if k != "params"}
+        new.update({k: saved[k] for k in _SHARED_KEYS if k in saved})
+        if "betas" in new:
+            new["betas"] = tuple(new["betas"])
+        new["params"] = saved["params"]
+        param_groups.append(new)
+    state = {index: {renames.get(k, k): v for k, v in entry.items()} for index, entry in state_dict["state"].items()}
+    if step_from_group:
+        for saved in saved_groups:
+            for index in saved["params"]:
+                if index in state and "step" not in state[index] and "step" in saved:
+                    state[index]["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+    return {"state": state, "param_groups": param_groups}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,17 +229,28 @@ def check_implementation(group: dict, allowed: Sequence[str], owner: str) -> Non
             f"{owner}: implementation={choice!r} contradicts foreach={group.get('foreach')}, "
             f"fused={group.get('fused')}; give one or the other"
         )
+    check_path_computes(group, owner, choice if choice != "auto" else flagged)
     if choice == "triton" and group["params"]:
         from largebatch.optim._triton import check_usable
 
         check_usable(group["params"][0].device, owner)
 
 
+def check_path_computes(group: dict, owner: str, path: str | None) -> None:
+    """Refuse, in one line, an explicitly chosen kernel path for an option it does not compute."""
+    if path in ("triton", "compiled"):
+        refused = kernel_refusal(group)
+        if refused is not None:
+            raise ValueError(f"{owner}(implementation={path!r}) does not compute {refused}; "
+                             "use implementation='foreach' or 'single'")
+
+
 def chosen_implementation(group: dict, device: torch.device) -> str:
     """The path a group takes: an explicit choice, else torch-style flags, else the default.
 
-    The default is the Triton multi-tensor kernel for CUDA tensors (when triton is installed)
-    and the ``_foreach`` path on the CPU (see the optimizer's docstring for the measurement).
+    The default is the Triton multi-tensor kernel for CUDA tensors (when triton is installed
+    and the group's options are ones the kernels compute) and the ``_foreach`` path otherwise
+    (see the optimizer's docstring for the measurement).
     """
     choice = group.get("implementation", "auto")
     if choice != "auto":
@@ -141,7 +258,7 @@ def chosen_implementation(group: dict, device: torch.device) -> str:
     flagged = _from_flags(group)
     if flagged is not None:
         return flagged
-    if device.type == "cuda":
+    if device.type == "cuda" and kernel_refusal(group) is None:
         from largebatch.optim._triton import triton_installed
 
         if triton_installed():

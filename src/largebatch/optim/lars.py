@@ -8,12 +8,13 @@ The update is the one released in Intel Caffe 1.0.7, per parameter tensor w with
 
 The rate sits inside the momentum buffer (as in the paper and TensorFlow, unlike torch's SGD),
 so a change of lr during warm-up or decay affects only new contributions. Norms are taken on the
-raw gradient, before weight decay. With ``clip=True`` (LARC's clip mode) the effective rate
-lr * r is capped at lr. Four interchangeable paths compute the same update: one tensor at a
-time, multi-tensor (``torch._foreach_*``), compiled (one ``torch.compile`` kernel per tensor,
-7 memory passes instead of 13), and Triton (two launches for all the tensors of a group, 7
-memory passes, trust ratios on the device). None of them reads a value back to the host or
-writes into ``p.grad``.
+raw gradient, before weight decay. With ``clip=True`` the effective rate lr * r is capped at
+lr (``clip="larc"`` is apex LARC's cap, min(r, lr)). Options reproduce the other published
+variants (docs/optimizers.md, :mod:`largebatch.optim.variants`). Four interchangeable paths
+compute the same update: one tensor at a time, multi-tensor (``torch._foreach_*``), compiled
+(one ``torch.compile`` kernel per tensor, 7 memory passes instead of 13), and Triton (two
+launches for all the tensors of a group, 7 memory passes, trust ratios on the device). None
+of them reads a value back to the host or writes into ``p.grad``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from largebatch.optim import _triton
 from largebatch.optim._common import (
     IMPLEMENTATIONS,
     accumulation_dtype,
+    adopt_peer_state,
     amp_scaling_supported,
     check_implementation,
+    check_loadable,
     check_lr,
     check_nonnegative,
+    check_path_computes,
+    check_real,
     chosen_implementation,
     collect_grads,
     group_by_device_and_dtype,
@@ -42,7 +47,7 @@ from largebatch.optim._common import (
     tensor_norms,
 )
 
-__all__ = ["LARS", "lars_trust_ratio"]
+__all__ = ["DENOMINATORS", "LARS", "LARS_CLIPS", "ZERO_NORMS", "lars_trust_ratio"]
 
 
 def lars_trust_ratio(
@@ -53,6 +58,11 @@ def lars_trust_ratio(
     return safe_ratio(
         trust_coefficient * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm
     )
+
+
+LARS_CLIPS = (False, True, "larc")
+DENOMINATORS = ("sum", "update")
+ZERO_NORMS = ("unit", "skip")
 
 
 class LARS(Optimizer):
@@ -67,20 +77,40 @@ class LARS(Optimizer):
         trust_coefficient: eta (0.001 in the paper's AlexNet-BN recipe).
         eps: e, added to the denominator (0 in the paper).
         nesterov: Nesterov momentum, w <- w - (lr*r*d + m*v) with d = g + b*w.
-        clip: LARC clip mode, effective rate min(lr*r, lr).
+        clip: ``False``; ``True``: effective rate lr*min(r, 1) (ours); ``"larc"``: effective
+            rate min(r, lr), apex LARC's clip (also timm's ``trust_clip``, solo-learn's
+            ``clip_lars_lr``). The two differ unless lr = 1.
+        dampening: torch SGD's dampening: v <- m*v + (1 - dampening)*step, except on the first
+            step, where v <- step (as torch, timm, lightly and solo-learn do).
+        lr_in_momentum: ``True`` (paper, Intel Caffe, SimCLR, optax): v <- m*v + lr*r*d,
+            w <- w - v. ``False`` (torch SGD, timm, lightly, solo-learn, VICReg, VISSL, apex
+            LARC): v <- m*v + r*d, w <- w - lr*v. The two differ whenever lr changes.
+        denominator: ``"sum"``: r = eta*||w|| / (||g|| + b*||w|| + e) (paper, timm, LARC);
+            ``"update"``: r = eta*||w|| / (||g + b*w|| + e) (VICReg, Barlow Twins, optax,
+            SimCLR, VISSL), where the zero test is on ||g + b*w||.
+        zero_norm: where ||w|| or the denominator's norm is 0: ``"unit"`` takes r = 1 and keeps
+            the decay (paper, timm, VICReg); ``"skip"`` applies neither ratio nor decay
+            (lightly, solo-learn, apex LARC).
+        adapt_without_decay: ``False`` applies the ratio only where weight_decay != 0 (timm,
+            lightly): a group with b = 0 then takes lr itself.
+        variant: the name of the published variant this optimizer follows (recorded in its
+            state; see :func:`largebatch.optim.variant`).
         implementation: which path computes the update (all give the same result):
 
-            - ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is installed,
-              else ``"foreach"``. On the CPU ``"foreach"`` is the choice because its first
-              step costs nothing, where ``"compiled"``, the fastest CPU step (21.7 ms
-              against 33.3 ms for ResNet-50 on 2 threads), first pays an 11.3 s compile
-              (docs/benchmarks/optimizer_step.md);
+            - ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is installed
+              and the options are ones its kernels compute, else ``"foreach"``. On the CPU
+              ``"foreach"`` is the choice because its first step costs nothing, where
+              ``"compiled"``, the fastest CPU step (21.7 ms against 33.3 ms for ResNet-50 on
+              2 threads), first pays an 11.3 s compile (docs/benchmarks/optimizer_step.md);
             - ``"triton"``: two kernel launches per group and dtype whatever the number of
               tensors (fp32, bf16, fp16). Refused with a clear error where it cannot run
-              (no triton; CPU tensors without ``TRITON_INTERPRET=1``), never replaced;
-            - ``"foreach"``: ``torch._foreach_*``, one launch per operation;
-            - ``"compiled"``: one ``torch.compile`` kernel per tensor (a compile on the first step);
-            - ``"single"``: the formula, one tensor at a time.
+              (no triton; CPU tensors without ``TRITON_INTERPRET=1``; ``lr_in_momentum=False``,
+              ``denominator="update"``, ``zero_norm="skip"``, ``clip="larc"`` or dampening),
+              never replaced;
+            - ``"foreach"``: ``torch._foreach_*``, one launch per operation, every option;
+            - ``"compiled"``: one ``torch.compile`` kernel per tensor (a compile on the first
+              step); the same options as ``"triton"``;
+            - ``"single"``: the formula, one tensor at a time, every option.
         foreach: torch-style switch, kept for compatibility: True = ``"foreach"``,
             False = ``"single"``.
         fused: torch-style switch, kept for compatibility: True = ``"compiled"``.
@@ -100,20 +130,19 @@ class LARS(Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 0.0,
         nesterov: bool = False,
-        clip: bool = False,
+        clip: bool | str = False,
         *,
+        dampening: float = 0.0,
+        lr_in_momentum: bool = True,
+        denominator: str = "sum",
+        zero_norm: str = "unit",
+        adapt_without_decay: bool = True,
+        variant: str | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         implementation: str = "auto",
     ) -> None:
         check_lr(lr)
-        check_nonnegative("momentum", momentum)
-        check_nonnegative("weight_decay", weight_decay)
-        check_nonnegative("eps", eps)
-        if not trust_coefficient > 0.0:
-            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True needs momentum > 0")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -122,22 +151,43 @@ class LARS(Optimizer):
             eps=eps,
             nesterov=nesterov,
             clip=clip,
+            dampening=dampening,
+            lr_in_momentum=lr_in_momentum,
+            denominator=denominator,
+            zero_norm=zero_norm,
+            adapt_without_decay=adapt_without_decay,
+            variant=variant,
             lars_adapt=True,
             foreach=foreach,
             fused=fused,
             implementation=implementation,
         )
-        super().__init__(params, defaults)
         self._aliases: dict[Tensor, Tensor] = {}  # compiled path: flat aliases of params and buffers
         self._tables: dict[Any, Any] = {}  # Triton path: packed address tables
-        for group in self.param_groups:
-            check_lr(group["lr"])
-            check_nonnegative("weight_decay", group["weight_decay"])
-            check_implementation(group, IMPLEMENTATIONS, "LARS")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, with the constructor's checks (a bad group is refused and not kept)."""
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
-        one this optimizer was built with: the saved state is the same on every path."""
+        one this optimizer was built with: the saved state is the same on every path. A state
+        written by another optimizer, or with the rate on the other side of the momentum
+        buffer, is refused in one line (its buffers would be misread), except the state of the
+        torch-convention codebase a :func:`~largebatch.optim.variant` reproduces, which is
+        converted (exactly: the buffers mean the same)."""
+        if all(g["variant"] and not g["lr_in_momentum"] for g in self.param_groups):
+            # torch's convention, as timm, lightly, solo-learn, VICReg, VISSL and apex LARC keep it
+            state_dict = adopt_peer_state(state_dict, self.param_groups, ("trust_coefficient", "lars_adapt"),
+                                          {"mu": "momentum_buffer"}) or state_dict
+        check_loadable("LARS", state_dict["param_groups"], self.param_groups,
+                       ("trust_coefficient", "lars_adapt"), {"lr_in_momentum": True})
         load_keeping_path_choice(self, super().load_state_dict, state_dict)
         self._aliases = {}
         self._tables = {}
@@ -152,11 +202,8 @@ class LARS(Optimizer):
         self._aliases = {}
         self._tables = {}
         for group in self.param_groups:
-            group.setdefault("lars_adapt", True)
-            group.setdefault("clip", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("implementation", "auto")
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
@@ -167,31 +214,17 @@ class LARS(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             has_momentum = group["momentum"] != 0
+            keep = None
+            if has_momentum and group["dampening"] != 0:  # torch's rule: no dampening on the first step
+                keep = [1.0 if "momentum_buffer" not in self.state[p] else 1.0 - group["dampening"]
+                        for p in group["params"] if p.grad is not None]
             params, grads, buffers = collect_grads(
                 group, self.state, ("momentum_buffer",) if has_momentum else ()
             )
             if not params:
                 continue
             bufs = [b[0] for b in buffers] if has_momentum else None
-            extra: dict[str, Any] = {}
-            implementation = chosen_implementation(group, params[0].device)
-            if implementation == "triton":
-                update = _triton_lars
-                extra = {"tables": self._tables, "group_index": index,
-                         "explicit": group.get("implementation") == "triton",
-                         "grad_scale": getattr(self, "grad_scale", None),
-                         "found_inf": getattr(self, "found_inf", None)}
-            elif implementation == "compiled":
-                update = _fused_lars
-                extra = {"aliases": self._aliases}
-            elif implementation == "single":
-                update = _single_tensor_lars
-            else:
-                update = _multi_tensor_lars
-            update(
-                params,
-                grads,
-                bufs,
+            options: dict[str, Any] = dict(
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
@@ -199,10 +232,81 @@ class LARS(Optimizer):
                 eps=group["eps"],
                 nesterov=group["nesterov"],
                 clip=group["clip"],
-                adapt=group["lars_adapt"],
-                **extra,
+                adapt=group["lars_adapt"] and (group["weight_decay"] != 0 or group["adapt_without_decay"]),
             )
+            implementation = chosen_implementation(group, params[0].device)
+            if implementation in ("triton", "compiled"):
+                check_path_computes(group, "LARS", implementation)
+            if implementation == "triton":
+                update = _triton_lars
+                options.update(tables=self._tables, group_index=index,
+                               explicit=group.get("implementation") == "triton",
+                               grad_scale=getattr(self, "grad_scale", None),
+                               found_inf=getattr(self, "found_inf", None))
+            elif implementation == "compiled":
+                update = _fused_lars
+                options.update(aliases=self._aliases)
+            else:
+                update = _single_tensor_lars if implementation == "single" else _multi_tensor_lars
+                options.update(lr_in_momentum=group["lr_in_momentum"], denominator=group["denominator"],
+                               zero_norm=group["zero_norm"], keep=keep)
+            update(params, grads, bufs, **options)
         return loss
+
+
+_GROUP_DEFAULTS = dict(
+    lars_adapt=True, clip=False, dampening=0.0, lr_in_momentum=True, denominator="sum", zero_norm="unit",
+    adapt_without_decay=True, variant=None, foreach=None, fused=None, implementation="auto",
+)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """The constructor's checks, per group: each failure is one line naming the option."""
+    check_real(group["params"], "LARS")
+    check_lr(group["lr"])
+    for name in ("momentum", "weight_decay", "eps", "dampening"):
+        check_nonnegative(name, group[name])
+    if not group["trust_coefficient"] > 0.0:
+        raise ValueError(f"trust_coefficient must be > 0, got {group['trust_coefficient']}")
+    if group["nesterov"] and group["momentum"] <= 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    if group["nesterov"] and group["dampening"] != 0:
+        raise ValueError("nesterov=True needs dampening = 0 (as torch's SGD)")
+    if not (isinstance(group["clip"], bool) or group["clip"] == "larc"):
+        raise ValueError(f"clip must be False, True or 'larc'; got {group['clip']!r}")
+    if group["denominator"] not in DENOMINATORS:
+        raise ValueError(f"denominator must be one of {', '.join(DENOMINATORS)}; got {group['denominator']!r}")
+    if group["zero_norm"] not in ZERO_NORMS:
+        raise ValueError(f"zero_norm must be one of {', '.join(ZERO_NORMS)}; got {group['zero_norm']!r}")
+    check_implementation(group, IMPLEMENTATIONS, "LARS")
+
+
+def _clipped(r: Tensor, clip: bool | str, lr: float | Tensor) -> Tensor:
+    """min(r, 1) for ``clip=True``; for LARC's clip the factor min(r, lr)/lr (1 where lr = 0)."""
+    if clip == "larc":
+        return (r / lr).clamp(max=1.0)
+    if clip:
+        return r.clamp(max=1.0)
+    return r
+
+
+def _ratios(
+    w_norm: Tensor, g_norm: Callable[[], Tensor], d_norm: Callable[[], Tensor], *, lr: float | Tensor,
+    weight_decay: float, trust_coefficient: float, eps: float, clip: bool | str, denominator: str, zero_norm: str,
+) -> tuple[Tensor, Tensor | None]:
+    """(q, decay): the factor on the direction and, under ``zero_norm="skip"``, the per-tensor
+    decay (b, or 0 where a norm is zero); None means b everywhere."""
+    if denominator == "sum":
+        other = g_norm()
+        r = lars_trust_ratio(w_norm, other, trust_coefficient, weight_decay, eps)
+    else:
+        other = d_norm()
+        r = safe_ratio(trust_coefficient * w_norm, other + eps, w_norm, other)
+    if zero_norm == "unit":
+        return _clipped(r, clip, lr), None
+    nonzero = (w_norm > 0) & (other > 0)
+    q = torch.where(nonzero, _clipped(r, clip, lr), torch.ones_like(r))
+    return q, torch.where(nonzero, torch.full_like(r, weight_decay), torch.zeros_like(r))
 
 
 def _single_tensor_lars(
@@ -216,28 +320,52 @@ def _single_tensor_lars(
     trust_coefficient: float,
     eps: float,
     nesterov: bool,
-    clip: bool,
+    clip: bool | str,
     adapt: bool,
+    lr_in_momentum: bool = True,
+    denominator: str = "sum",
+    zero_norm: str = "unit",
+    keep: list[float] | None = None,
 ) -> None:
     """The reference path: the formula, one tensor at a time."""
+    lr_in: float | Tensor = lr if lr_in_momentum else 1.0
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        rate: float | Tensor = lr
+        rate: float | Tensor = lr_in
+        decay: float | Tensor = weight_decay
         if adapt:
-            r = lars_trust_ratio(tensor_norm(p), tensor_norm(g), trust_coefficient, weight_decay, eps)
-            if clip:
-                r = r.clamp(max=1.0)
-            rate = r * lr
-        d = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
+            q, skip_decay = _ratios(
+                tensor_norm(p), lambda g=g: tensor_norm(g),
+                lambda g=g, p=p: tensor_norm(g.add(p, alpha=weight_decay) if weight_decay != 0 else g),
+                lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, clip=clip,
+                denominator=denominator, zero_norm=zero_norm,
+            )
+            rate = q * lr_in
+            if skip_decay is not None:
+                decay = skip_decay.to(p.dtype)
+        if isinstance(decay, Tensor):
+            d = g + p * decay
+        else:
+            d = g.add(p, alpha=decay) if decay != 0 else g
         step = d * rate  # a new tensor: p.grad is never written
         if bufs is None:
-            p.sub_(step)
+            _sub_scaled(p, step, lr_in_momentum, lr)
             continue
         v = bufs[i]
-        v.mul_(momentum).add_(step)
+        v.mul_(momentum).add_(step if keep is None else step * keep[i])
         if nesterov:
-            p.sub_(step.add_(v, alpha=momentum))
+            _sub_scaled(p, step.add_(v, alpha=momentum), lr_in_momentum, lr)
         else:
-            p.sub_(v)
+            _sub_scaled(p, v, lr_in_momentum, lr)
+
+
+def _sub_scaled(p: Tensor, x: Tensor, lr_in_momentum: bool, lr: float | Tensor) -> None:
+    """p <- p - x (the rate is inside x), or p <- p - lr*x (torch's convention)."""
+    if lr_in_momentum:
+        p.sub_(x)
+    elif isinstance(lr, Tensor):
+        p.sub_(x * lr.to(device=p.device, non_blocking=True))
+    else:
+        p.add_(x, alpha=-lr)
 
 
 def _multi_tensor_lars(
@@ -251,49 +379,85 @@ def _multi_tensor_lars(
     trust_coefficient: float,
     eps: float,
     nesterov: bool,
-    clip: bool,
+    clip: bool | str,
     adapt: bool,
+    lr_in_momentum: bool = True,
+    denominator: str = "sum",
+    zero_norm: str = "unit",
+    keep: list[float] | None = None,
 ) -> None:
     """The same update as ``_single_tensor_lars`` with one kernel launch per operation.
 
     Written as scaled accumulations (addcmul with per-tensor rate c = lr*r) so that no temporary
-    the size of the model is allocated: 13 memory passes with momentum and weight decay.
+    the size of the model is allocated: 13 memory passes with momentum and weight decay (the
+    ``denominator="update"`` option makes one temporary, g + b*w, for its norms, then steps
+    along it, for about the same number of passes).
     """
-    lists = (params, grads) if bufs is None else (params, grads, bufs)
+    lists: list[list[Any]] = [params, grads]
+    if bufs is not None:
+        lists.append(bufs)
+    if keep is not None:
+        lists.append(keep)
+    lr_in: float | Tensor = lr if lr_in_momentum else 1.0
     for bucket in group_by_device_and_dtype(*lists):
         ps, gs = bucket[0], bucket[1]
+        vs = bucket[2] if bufs is not None else None
+        dtype, device = ps[0].dtype, ps[0].device
+        decay: Tensor | float = weight_decay
+        direction, wd = gs, weight_decay  # wd: the decay still to add to `direction`
         if adapt:
-            r = lars_trust_ratio(
-                tensor_norms(ps),
-                tensor_norms(gs),
-                trust_coefficient,
-                weight_decay,
-                eps,
+            decayed: list[list[Tensor]] = []
+
+            def update_norms(ps=ps, gs=gs, decayed=decayed) -> Tensor:
+                if weight_decay == 0:
+                    return tensor_norms(gs)
+                decayed.append(torch._foreach_add(gs, ps, alpha=weight_decay))
+                return tensor_norms(decayed[0])
+
+            q, skip_decay = _ratios(
+                tensor_norms(ps), lambda gs=gs: tensor_norms(gs), update_norms,
+                lr=lr, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, clip=clip,
+                denominator=denominator, zero_norm=zero_norm,
             )
-            if clip:
-                r = r.clamp(max=1.0)
-            c = (r * lr).to(ps[0].dtype)
+            c = (q * lr_in).to(dtype)
+            if skip_decay is not None:
+                decay = skip_decay.to(dtype)
+            elif decayed:  # g + b*w is already there for the norms: step along it
+                direction, wd = decayed[0], 0.0
         else:
-            c = torch.as_tensor(lr, dtype=ps[0].dtype, device=ps[0].device).expand(len(ps))
-        if bufs is None or nesterov:
-            # w <- w - c*(g + b*w) [- m*v_new]: the decay as a rescaling of w, then the gradient
-            if bufs is not None:
-                vs = bucket[2]
-                torch._foreach_mul_(vs, momentum)
-                torch._foreach_addcmul_(vs, gs, list(c.unbind(0)))
-                torch._foreach_addcmul_(vs, ps, list((c * weight_decay).unbind(0)))
-            if weight_decay != 0:
-                torch._foreach_mul_(ps, list((1 - c * weight_decay).unbind(0)))
-            torch._foreach_addcmul_(ps, gs, list((-c).unbind(0)))
-            if bufs is not None:
-                torch._foreach_add_(ps, bucket[2], alpha=-momentum)
+            c = torch.as_tensor(lr_in, dtype=dtype, device=device).expand(len(ps))
+        c_buf = c if keep is None else c * torch.tensor(bucket[-1], dtype=dtype).to(device, non_blocking=True)
+        if vs is not None:
+            torch._foreach_mul_(vs, momentum)
+            torch._foreach_addcmul_(vs, direction, list(c_buf.unbind(0)))
+            if wd != 0:
+                torch._foreach_addcmul_(vs, ps, list((c_buf * decay).unbind(0)))
+        if vs is None or nesterov:
+            # w <- w - k*(g + b*w) [- lr_out*m*v_new], k = lr*r: the decay as a rescaling of w
+            k = c if lr_in_momentum else c * _as_device_scalar(lr, dtype, device)
+            if wd != 0:
+                torch._foreach_mul_(ps, list((1 - k * decay).unbind(0)))
+            torch._foreach_addcmul_(ps, direction, list((-k).unbind(0)))
+            if vs is not None:
+                if lr_in_momentum or not isinstance(lr, Tensor):
+                    torch._foreach_add_(ps, vs, alpha=-momentum * (1.0 if lr_in_momentum else lr))
+                else:
+                    scale = -momentum * _as_device_scalar(lr, dtype, device)
+                    torch._foreach_addcmul_(ps, vs, [scale] * len(ps))
             continue
-        vs = bucket[2]
-        torch._foreach_mul_(vs, momentum)
-        torch._foreach_addcmul_(vs, gs, list(c.unbind(0)))
-        if weight_decay != 0:
-            torch._foreach_addcmul_(vs, ps, list((c * weight_decay).unbind(0)))
-        torch._foreach_sub_(ps, vs)
+        if lr_in_momentum:
+            torch._foreach_sub_(ps, vs)
+        elif isinstance(lr, Tensor):
+            torch._foreach_addcmul_(ps, vs, [-_as_device_scalar(lr, dtype, device)] * len(ps))
+        else:
+            torch._foreach_add_(ps, vs, alpha=-lr)
+
+
+def _as_device_scalar(lr: float | Tensor, dtype: torch.dtype, device: torch.device) -> float | Tensor:
+    """A tensor rate as a 0-dim tensor of the parameters' dtype and device; a float as itself."""
+    if not isinstance(lr, Tensor):
+        return lr
+    return lr.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _triton_lars(
