@@ -31,6 +31,7 @@ __all__ = [
     "lamb_step",
     "lars_step",
     "prepare",
+    "single_under_scaler",
     "split_flat",
     "take",
     "triton_installed",
@@ -91,6 +92,26 @@ def split_flat(columns: list[list[Tensor]]) -> tuple[list[int], list[int]]:
         alike = all(col[i].shape == p.shape and col[i].stride() == p.stride() for col in columns)
         (flat if alike and dense(p) else odd).append(i)
     return flat, odd
+
+
+def single_under_scaler(update: Any, grads: list[Tensor], state: list[Tensor],
+                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """Run ``update(grads)`` (a single-tensor path) as the kernels run under GradScaler.
+
+    The optimizer told the scaler that it unscales and skips by itself, so the tensors the
+    kernels cannot take (state laid out unlike the parameter, e.g. channels_last switched on
+    resume) must do the same: gradients divided by the scale (in float32, as the kernels do),
+    and on an overflow every tensor of ``state`` put back as it was, on the device (no host read).
+    """
+    if grad_scale is not None:
+        inv = 1.0 / grad_scale.to(torch.float32)
+        grads = [g.to(torch.float32) * inv for g in grads]
+    saved = [t.clone() for t in state] if found_inf is not None else []
+    update(grads)
+    if found_inf is not None:
+        skip = found_inf != 0
+        for t, old in zip(state, saved, strict=True):
+            t.copy_(torch.where(skip, old, t))
 
 
 def take(items: list[Tensor], indices: list[int]) -> list[Tensor]:

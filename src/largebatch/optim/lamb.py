@@ -95,6 +95,9 @@ class LAMB(Optimizer):
         """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
         one this optimizer was built with: the saved state is the same on every path."""
         load_keeping_path_choice(self, super().load_state_dict, state_dict)
+        for p, st in self.state.items():  # torch leaves "step" where it was saved; kernels read it on p's device
+            if isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
         self._tables = {}
 
     @property
@@ -215,7 +218,10 @@ def _triton_lamb(
             continue
         prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), [ps, gs, ms, vs, ts], 4)
         if prepared.odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
-            _single_tensor_lamb(*(_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts)), **options)
+            o_ps, o_gs, o_ms, o_vs, o_ts = (_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts))
+            _triton.single_under_scaler(  # unscaled and skipped as the kernels do (GradScaler relies on it)
+                lambda odd_gs: _single_tensor_lamb(o_ps, odd_gs, o_ms, o_vs, o_ts, **options),
+                o_gs, o_ps + o_ms + o_vs + o_ts, grad_scale, found_inf)
         if prepared.table is not None:
             _triton.lamb_step(prepared.table, _triton.take(ts, prepared.flat), grad_scale=grad_scale,
                               found_inf=found_inf, **options)
