@@ -13,6 +13,7 @@ parameter dtype: in bf16, 0.999 rounds to 1 and 1 - b2^t would be 0.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -220,7 +221,7 @@ def _triton_lamb(
         if prepared.odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
             o_ps, o_gs, o_ms, o_vs, o_ts = (_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts))
             _triton.single_under_scaler(  # unscaled and skipped as the kernels do (GradScaler relies on it)
-                lambda odd_gs: _single_tensor_lamb(o_ps, odd_gs, o_ms, o_vs, o_ts, **options),
+                functools.partial(_single_tensor_lamb, o_ps, exp_avgs=o_ms, exp_avg_sqs=o_vs, steps=o_ts, **options),
                 o_gs, o_ps + o_ms + o_vs + o_ts, grad_scale, found_inf)
         if prepared.table is not None:
             _triton.lamb_step(prepared.table, _triton.take(ts, prepared.flat), grad_scale=grad_scale,

@@ -18,6 +18,7 @@ writes into ``p.grad``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -325,7 +326,7 @@ def _triton_lars(
         if odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
             odd_ps, odd_vs = _triton.take(ps, odd), None if vs is None else _triton.take(vs, odd)
             _triton.single_under_scaler(  # unscaled and skipped as the kernels do (GradScaler relies on it)
-                lambda odd_gs: _single_tensor_lars(odd_ps, odd_gs, odd_vs, **options),
+                functools.partial(_single_tensor_lars, odd_ps, bufs=odd_vs, **options),
                 _triton.take(gs, odd), odd_ps + (odd_vs or []), grad_scale, found_inf)
         if prepared.table is not None:
             _triton.lars_step(prepared.table, has_momentum=vs is not None, grad_scale=grad_scale,
