@@ -102,3 +102,102 @@ def test_fp16_state_laid_out_unlike_the_parameter_is_unscaled_and_skipped(kind, 
     for a, b in zip(params, reference.param_groups[0]["params"], strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=2e-3, atol=2e-4)
+
+
+# ---- data: decode=cpu batches, loader-thread failures ------------------------------------------
+
+def _pillow_folder(tmp_path):
+    from test_data_batch_decode import open_folder, write_textured_tree
+
+    return open_folder(write_textured_tree(tmp_path), decode="cpu")
+
+
+def test_pillow_crops_are_stacked_by_the_loader_not_in_the_main_thread(tmp_path):
+    """The batch the loader hands over (pinned by its pin-memory thread on a GPU) is the memory
+    the main thread copies to the device: no restack into pageable memory on the way."""
+    src = _pillow_folder(tmp_path)
+    loader = src._loaders["train"][0]
+    collated = []
+    collate = loader.collate_fn
+
+    def spy(items):
+        batch = collate(items)
+        collated.append(batch[0])
+        return batch
+
+    loader.collate_fn = spy
+    for x, _, _ in src._run("train", [[(0, 11), (1, 12), (2, 13)], [(3, 14), (4, 15)]]):
+        made = collated.pop(0)
+        assert isinstance(made, torch.Tensor) and made.data_ptr() == x.data_ptr()
+        assert x.shape == (len(x), 3, src.image_size, src.image_size)
+
+
+def test_a_pin_memory_thread_failure_is_one_line_naming_its_cause(tmp_path):
+    """torch re-raises the pin-memory thread's error in the main thread, traceback in the message."""
+    from torch._utils import ExceptionWrapper
+
+    from largebatch.data import DataError
+
+    src = _pillow_folder(tmp_path)
+
+    class PinFails:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            try:
+                raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+            except RuntimeError:
+                ExceptionWrapper(where="in pin memory thread for device 0").reraise()
+
+    _, sampler, images = src._loaders["train"]
+    src._loaders["train"] = (PinFails(), sampler, images)
+    with pytest.raises(DataError) as caught:
+        next(src._run("train", [[(0, 1)]]))
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith("RuntimeError: CUDA error: out of memory (cudaHostAlloc)")
+    assert "pin" in message
+
+
+# ---- CUDA graphs --------------------------------------------------------------------------------
+
+def test_graphs_refuse_the_compiled_lars_path_in_one_line():
+    from largebatch.config import ConfigError
+    from largebatch.cuda_graph import graphs_decision
+
+    kw = dict(device=torch.device("cuda", 0), distributed=False, fp16=False, optimizer="lars", input_bytes=1)
+    use, why = graphs_decision("auto", implementation="compiled", **kw)
+    assert not use and "implementation=compiled" in why and "\n" not in why
+    with pytest.raises(ConfigError, match="implementation=compiled"):
+        graphs_decision("on", implementation="compiled", **kw)
+    for implementation in ("auto", "triton", "foreach"):
+        assert graphs_decision("auto", implementation=implementation, **kw) == (True, "on")
+
+
+def test_capture_is_thread_local_so_the_pin_memory_thread_cannot_spoil_it(monkeypatch):
+    """torch.cuda's graph pieces stood in for: what CudaBackend asks of them is checked."""
+    from largebatch import cuda_graph
+
+    modes = []
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            pass
+
+    class FakeCapture:
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+            modes.append(capture_error_mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    cuda_graph.CudaBackend().capture(lambda: (torch.zeros(()),))
+    assert modes == ["thread_local"]

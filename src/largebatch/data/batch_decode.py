@@ -26,6 +26,7 @@ __all__ = [
     "centre_crop_plan",
     "crop_batch",
     "decode_jpegs",
+    "device_decodable",
     "device_decode_available",
     "is_complete_jpeg",
     "random_resized_crop_box",
@@ -93,12 +94,88 @@ def is_complete_jpeg(data: bytes | memoryview) -> bool:
     return len(data) > 4 and bytes(data[:3]) == JPEG_START and bytes(data[-2:]) == JPEG_END
 
 
+# Frame headers (SOFn) nvJPEG decodes: Huffman-coded baseline, extended and progressive. The
+# others (lossless, arithmetic-coded, hierarchical) go to Pillow. Markers C4, C8 and CC share
+# the SOF range but are not frame headers.
+_DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_NOT_FRAMES = frozenset({0xC4, 0xC8, 0xCC})
+
+
+def device_decodable(data: bytes | memoryview) -> bool:
+    """Whether the device decoder gives the right RGB pixels for this JPEG, read from its header.
+
+    nvJPEG decodes 8-bit Huffman JPEGs with one (grey) or three (YCbCr) components. It has no
+    colour conversion for four components (CMYK, YCCK: Photoshop's files), and it would treat a
+    three-component file that Adobe's APP14 marks as stored in RGB (transform 0) as YCbCr: both
+    would come out with wrong colours rather than an error. Those, 12-bit and arithmetic-coded
+    files go to Pillow, which decodes them as before."""
+    n, i, adobe_transform = len(data), 2, None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length, body = (data[i + 2] << 8) | data[i + 3], i + 4
+        if marker == 0xEE and length >= 14 and bytes(data[body : body + 5]) == b"Adobe":
+            adobe_transform = data[body + 11]
+        elif 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
+            if marker not in _DEVICE_FRAMES or body + 6 > n:
+                return False
+            precision, components = data[body], data[body + 5]
+            if precision != 8 or components not in (1, 3):
+                return False
+            return not (components == 3 and adobe_transform == 0)
+        elif marker == 0xDA:  # a scan before any frame header
+            return False
+        i += 2 + length
+    return False
+
+
+_decode_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _decode_streams:
+        _decode_streams[device] = torch.cuda.Stream(device=device)
+    return _decode_streams[device]
+
+
 def decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor | Exception]:
     """Decode 1-D uint8 tensors of JPEG bytes (on the CPU) to RGB uint8 (3, H, W) on ``device``:
     one batched call; if the batch fails, image by image, so a bad file only costs its slot
-    (its entry is then the exception)."""
+    (its entry is then the exception).
+
+    On a GPU the decode runs on a stream of its own, ordered after the caller's queued work, and
+    the caller's stream waits for it. torchvision allocates the outputs on the current stream
+    and nvJPEG's hardware engine may write them before work queued earlier has run; decoded on
+    the caller's stream, an output could be a block just freed there that queued kernels still
+    read (torchvision's tracker, pytorch/vision#9606: wrong pixels, not an error). On our own
+    stream the outputs come from blocks only that stream used, and each output is recorded on the
+    caller's stream, so its block is handed out again only once the caller's work on it is done
+    (the allocator checks that on the host)."""
     if not data:
         return []
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode(data, device)
+    consumer = torch.cuda.current_stream(device)
+    stream = _decode_stream(device)
+    stream.wait_stream(consumer)
+    with torch.cuda.stream(stream):
+        out = _decode(data, device)
+    consumer.wait_stream(stream)
+    for img in out:
+        if isinstance(img, Tensor):
+            img.record_stream(consumer)
+    return out
+
+
+def _decode(data: list[Tensor], device: torch.device) -> list[Tensor | Exception]:
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
