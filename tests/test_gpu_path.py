@@ -201,3 +201,43 @@ def test_capture_is_thread_local_so_the_pin_memory_thread_cannot_spoil_it(monkey
     monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
     cuda_graph.CudaBackend().capture(lambda: (torch.zeros(()),))
     assert modes == ["thread_local"]
+
+
+# ---- the Triton address table -------------------------------------------------------------------
+
+def test_the_triton_table_is_built_once_while_allocations_drift(tmp_path, interpreter, monkeypatch):
+    """50+ eager steps of a real Trainer on the Triton path, with every step's gradients kept
+    alive elsewhere (so that fresh gradients could never land at the old addresses, as happens
+    when decoded images of varying sizes share the allocator): the table is not rebuilt."""
+    from test_trainer import small_config
+
+    from largebatch.config import load_config
+    from largebatch.optim import _triton
+    from largebatch.trainer import Trainer
+
+    builds = []
+    build = _triton._build
+    monkeypatch.setattr(_triton, "_build", lambda columns: builds.append(1) or build(columns))
+    trainer = Trainer(load_config(None, small_config(tmp_path, "drift", **{
+        "optim.implementation": "triton", "batch_size": 16, "epochs": 2, "log_every": 100})))
+    kept = []
+    trainer.optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: kept.append([p.grad for g in opt.param_groups for p in g["params"]]))
+    result = trainer.run()
+    assert result.steps >= 50 and len(kept) == result.steps
+    assert len(builds) <= 2, f"{len(builds)} table builds in {result.steps} steps"
+
+
+def test_a_table_that_would_be_rebuilt_during_capture_is_refused(interpreter, monkeypatch):
+    """Built during capture, the table's upload would be replayed from a host buffer freed since:
+    refused with a RuntimeError (GraphedStep then reports it in one line and steps eagerly)."""
+    from largebatch.optim import _triton
+
+    p, g = torch.zeros(8), torch.ones(8)
+    cache: dict = {}
+    _triton.prepare(cache, "k", [[p], [g]], 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA stood in for: capturing now
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _triton.prepare(cache, "k", [[p], [g]], 2) is cache["k"]  # unchanged: reused
+    with pytest.raises(RuntimeError, match="capture"):
+        _triton.prepare(cache, "k", [[p], [torch.ones(8)]], 2)

@@ -291,7 +291,9 @@ class Trainer:
 
     def _compute_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and update: the part a CUDA graph captures (device work only)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        # zeroed in place, not freed: gradients keep their addresses, so the Triton optimizers'
+        # address table is built once, and never during a CUDA graph's capture (docs/models_and_data.md)
+        self.optimizer.zero_grad(set_to_none=False)
         total = torch.zeros((), device=self.env.device)
         last = len(micro_batches) - 1
         for i, (x, y) in enumerate(micro_batches):

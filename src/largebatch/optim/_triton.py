@@ -181,6 +181,12 @@ def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int
     addresses = tuple(t.data_ptr() for col in columns for t in col)
     entry = cache.get(key)
     if entry is None or entry.addresses != addresses:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the Triton optimizer's tensors moved during CUDA graph capture (its address table would be "
+                "uploaded from host memory freed before the replay); keep gradients allocated across steps "
+                "(zero_grad(set_to_none=False)) and run a step before capturing"
+            )
         flat, odd = split_flat(columns[:elementwise])
         table = _build([take(col, flat) for col in columns]) if flat else None
         entry = Prepared(addresses, flat, odd, table)
