@@ -217,7 +217,7 @@ def test_the_triton_table_is_built_once_while_allocations_drift(tmp_path, interp
 
     builds = []
     build = _triton._build
-    monkeypatch.setattr(_triton, "_build", lambda columns: builds.append(1) or build(columns))
+    monkeypatch.setattr(_triton, "_build", lambda *args: builds.append(1) or build(*args))
     trainer = Trainer(load_config(None, small_config(tmp_path, "drift", **{
         "optim.implementation": "triton", "batch_size": 16, "epochs": 2, "log_every": 100})))
     kept = []
@@ -241,3 +241,23 @@ def test_a_table_that_would_be_rebuilt_during_capture_is_refused(interpreter, mo
     assert _triton.prepare(cache, "k", [[p], [g]], 2) is cache["k"]  # unchanged: reused
     with pytest.raises(RuntimeError, match="capture"):
         _triton.prepare(cache, "k", [[p], [torch.ones(8)]], 2)
+
+
+def test_an_odd_sized_tensor_does_not_drop_its_group_to_scalar_access(interpreter, seed):
+    """A 10-class bias among aligned tensors: the aligned ones keep 128-bit access (their own table),
+    and the update still equals the foreach path's."""
+    from largebatch.optim import _triton
+
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n) * 0.1) for n in (64, 10, 4096)]
+    grads = [torch.randn_like(p) for p in params]
+    prepared = _triton.prepare({}, "k", [params, grads], 2)
+    widths = sorted((part.vec, part.n_chunks) for part in prepared.table.parts)
+    assert widths == [(1, 1), (4, 2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for opt_params, implementation in ((params, "triton"), (twins, "foreach")):
+        for p, g in zip(opt_params, grads, strict=True):
+            p.grad = g.clone()
+        LARS(opt_params, lr=0.5, weight_decay=1e-3, trust_coefficient=0.02, implementation=implementation).step()
+    for a, b in zip(params, twins, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
