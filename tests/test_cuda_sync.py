@@ -191,3 +191,25 @@ def test_real_capture_through_run_preempt_and_resume(tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
         torch.testing.assert_close(a[key], c[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_triton_table_built_at_most_twice_in_50_eager_steps_with_device_decode(tmp_path, monkeypatch):
+    """decode=gpu puts images of varying sizes through the allocator between steps; the gradients
+    stay where they are (zeroed in place), so the Triton table is not rebuilt step after step."""
+    if not device_decode_available("cuda"):
+        pytest.skip("torchvision here has no GPU JPEG decoder")
+    from largebatch.optim import _triton
+
+    builds = []
+    build = _triton._build
+    monkeypatch.setattr(_triton, "_build", lambda *args: builds.append(1) or build(*args))
+    root = write_textured_tree(tmp_path / "tree", n_train=32, n_val=2)
+    options = {"data.name": "imagefolder", "data.root": root,
+               "data.options": {"decode": "gpu", "workers": 2, "image_size": 24, "resize": 28},
+               "model.name": "resnet_small", "model.options": {}, "device": "cuda", "batch_size": 16,
+               "cuda_graphs": "off", "optim.implementation": "triton", "epochs": 13, "eval_every": 0,
+               "log_every": 100}
+    trainer = Trainer(load_config(None, small_config(tmp_path, "drift", **options)))
+    result = trainer.run()
+    tables = sum(len(e.table.parts) for e in trainer.optimizer._tables.values() if e.table is not None)
+    assert result.steps >= 50 and len(builds) <= 2 * tables, f"{len(builds)} builds of {tables} tables"
