@@ -53,9 +53,10 @@ def test_header_decides_what_the_device_decodes():
 
 
 def test_cmyk_jpegs_never_reach_the_device_decoder(tmp_path, monkeypatch):
-    """CMYK files go to Pillow in the workers: the device decoder never sees them (libjpeg here
-    refuses CMYK into RGB, which hid the problem on the CPU; nvJPEG decodes it with wrong
-    colours), and their crops are the Pillow path's, pixel for pixel."""
+    """CMYK files go to Pillow in the workers: the device decoder never sees them, and their
+    crops are the Pillow path's, pixel for pixel. (torchvision's CPU decoder converts CMYK
+    itself, so wrong colours cannot show here; what is checked is that the GPU decoder, which
+    hands the file to nvJPEG, would not get it.)"""
     root = write_textured_tree(tmp_path)
     _rewrite(root, "CMYK")
     given: list[int] = []

@@ -104,11 +104,11 @@ _NOT_FRAMES = frozenset({0xC4, 0xC8, 0xCC})
 def device_decodable(data: bytes | memoryview) -> bool:
     """Whether the device decoder gives the right RGB pixels for this JPEG, read from its header.
 
-    nvJPEG decodes 8-bit Huffman JPEGs with one (grey) or three (YCbCr) components. It has no
-    colour conversion for four components (CMYK, YCCK: Photoshop's files), and it would treat a
-    three-component file that Adobe's APP14 marks as stored in RGB (transform 0) as YCbCr: both
-    would come out with wrong colours rather than an error. Those, 12-bit and arithmetic-coded
-    files go to Pillow, which decodes them as before."""
+    Kept for the device: 8-bit Huffman JPEGs (baseline, extended, progressive) with one (grey)
+    or three (YCbCr) components, what nvJPEG documents. Sent to Pillow, which decodes them as
+    before: four components (CMYK, YCCK: Photoshop's files), three that Adobe's APP14 marks as
+    stored in RGB (transform 0; a decoder assuming YCbCr gives wrong colours, not an error),
+    12-bit and arithmetic-coded files. Routed conservatively: not yet checked on a GPU."""
     n, i, adobe_transform = len(data), 2, None
     while i + 4 <= n:
         if data[i] != 0xFF:
