@@ -261,3 +261,49 @@ def test_an_odd_sized_tensor_does_not_drop_its_group_to_scalar_access(interprete
         LARS(opt_params, lr=0.5, weight_decay=1e-3, trust_coefficient=0.02, implementation=implementation).step()
     for a, b in zip(params, twins, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- the batched crop of the device-decode path -----------------------------------------------
+
+def _crop_one_by_one(img, size, crop=None, resize=None):
+    """The per-image way: slice, F.interpolate with antialiasing, mirror (torch's own filter)."""
+    import torch.nn.functional as F
+
+    from largebatch.data.batch_decode import centre_crop_plan
+
+    def resample(x, out):
+        return F.interpolate(x.unsqueeze(0).float(), size=out, mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+
+    if crop is not None:
+        (top, left, ch, cw), flip = crop
+        x = resample(img[:, top: top + ch, left: left + cw], (size, size))
+        return x.flip(-1) if flip else x
+    _, h, w = img.shape
+    (nh, nw), (top, left) = centre_crop_plan(w, h, size, resize)
+    return resample(img, (nh, nw))[:, top: top + size, left: left + size]
+
+
+def test_batched_crop_equals_the_per_image_resample_and_ignores_its_batch(seed, monkeypatch):
+    """One batched resample (padded images, two matrix products) gives torch's antialiased
+    bilinear crops, image by image, within rounding; splitting the batch changes no pixel."""
+    from largebatch.data import batch_decode
+    from largebatch.data.batch_decode import crop_batch, train_crop
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(int(torch.randint(20, 90, (), generator=gen)), int(torch.randint(20, 90, (), generator=gen)))
+             for _ in range(12)]
+    images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in sizes]
+    crops = [train_crop(img.shape[2], img.shape[1], seed + k, (0.08, 1.0)) for k, img in enumerate(images)]
+    for size, kw, one in ((24, {"crops": crops}, lambda k: {"crop": crops[k]}),
+                          (24, {"resize": 28}, lambda k: {"resize": 28}),
+                          (48, {"crops": crops}, lambda k: {"crop": crops[k]})):  # some crops enlarged
+        batched = crop_batch(images, size, **kw)
+        reference = torch.stack([_crop_one_by_one(img, size, **one(k)) for k, img in enumerate(images)])
+        diff = (batched.float() - reference.round().clamp(0, 255)).abs()
+        assert float(diff.max()) <= 1 and float(diff.mean()) < 0.01
+        monkeypatch.setattr(batch_decode, "BATCH_BYTES", 3 * 90 * 90 * 8 * 2)  # at most 2 images a batch
+        assert torch.equal(crop_batch(images, size, **kw), batched)
+        assert torch.equal(crop_batch(images[5:6], size, **{k: v[5:6] if k == "crops" else v for k, v in kw.items()}),
+                           batched[5:6])
+        monkeypatch.undo()
