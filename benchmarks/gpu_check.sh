@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The project's GPU figures in one call of at most ~6 minutes on one GPU:
+# The project's GPU correctness checks, then its GPU figures, in one call of at most ~6 minutes:
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Writes $OUT/gpu.md (device, torch version, a table, the exact commands) and copies of the
-# sub-results under $OUT. Every step runs under `timeout`; a step that fails prints why and the
-# script goes on; steps that no longer fit the time budget (GPU_CHECK_BUDGET_S, default 330 s)
-# are skipped, in priority order. Without CUDA each GPU step prints "skipped: no CUDA".
+# Writes $OUT/gpu.md (device, torch version, one table: correctness rows first, then speed, with
+# the exact commands) and copies of the sub-results under $OUT. First the tests written for a GPU
+# (they skip without CUDA): the Triton kernels against float64 on the device, real graph capture
+# through run / pre-empt / resume, the nvJPEG decode race, no host sync on ordinary steps; then
+# tests/ under CUDA; then the measurements. Every step runs under `timeout`; a step that fails
+# prints why and the script goes on; steps that no longer fit the time budget (GPU_CHECK_BUDGET_S,
+# default 360 s) are skipped, in order. Without CUDA each GPU step prints "skipped: no CUDA" (the
+# correctness tests still run, and report their CUDA tests as skipped).
 # Environment: PYTHON (default python), FMNIST_DIR (Fashion-MNIST for the demo recipe; default
 # .fmnist/ when it exists). A GPU machine without the Debian package gets the data set carried
 # along: `mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/* .fmnist/` here (git ignores
@@ -13,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python}
-BUDGET=${GPU_CHECK_BUDGET_S:-330}
+BUDGET=${GPU_CHECK_BUDGET_S:-360}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -130,6 +134,44 @@ gpu_step() {  # NAME LABEL TIMEOUT CMD...: a step that needs CUDA, with its sub-
   fi
   return 0
 }
+
+pytest_summary() {  # the last line of a pytest log ("12 passed, 3 skipped in 40.1s"), table-safe
+  grep -E "(passed|failed|skipped|error|no tests ran)" "$WORK/$1.log" | tail -n 1 | tr -d '=|`' | sed 's/^ *//' | cut -c1-160
+}
+
+# correctness first: NAME LABEL TIMEOUT PYTEST-ARGS...; runs with or without CUDA (CUDA tests skip)
+test_step() {
+  local name=$1 label=$2 limit=$3
+  shift 3
+  local cmd=("$PY" -m pytest -q -p no:cacheprovider "$@")
+  run "$name" "$limit" "${cmd[@]}"
+  local rc=$? result shown
+  result=$(pytest_summary "$name")
+  shown=$(printf '%q ' "${cmd[@]}")
+  if [ "$rc" -eq 0 ]; then
+    [ "$CUDA" -eq 0 ] && result="$result (no CUDA: its CUDA tests skipped)"
+    row "$label" "ok: $result" "${shown% }"
+  elif [ "$rc" -eq 99 ]; then
+    row "$label" "skipped: out of time budget" "${shown% }"
+  else
+    row "$label" "FAILED (exit $rc): ${result:-$(why "$name")}" "${shown% }"
+  fi
+}
+
+test_step t_triton "correctness: Triton kernels vs float64 (LARS 6 option sets, LAMB; fp32, bf16, fp16)" 90 \
+  tests/test_optim_triton_cuda.py
+test_step t_graphs "correctness: graph capture (run / pre-empt / resume, Triton, pin thread running)" 120 \
+  tests/test_cuda_graph.py tests/test_cuda_sync.py -k "capture or triton_table or graph"
+test_step t_decode "correctness: nvJPEG decode race, JPEG routing, GPU decode vs Pillow" 60 \
+  tests/test_cuda_sync.py tests/test_data_jpeg_routing.py tests/test_data_batch_decode.py -k "decode or jpeg or pillow"
+test_step t_sync "correctness: no host sync on ordinary steps, each data source (sync-debug error)" 90 \
+  tests/test_cuda_sync.py -k "never_wait"
+if [ "$CUDA" -eq 1 ]; then
+  test_step t_suite "correctness: tests/ under CUDA (not slow)" 150 tests/ -m "not slow"
+else
+  row "correctness: tests/ under CUDA (not slow)" "skipped: no CUDA (on the CPU the suite is CI's)" \
+    "$PY -m pytest -q tests/ -m 'not slow'"
+fi
 
 # (a) the optimizer step on the GPU
 CMD=("$PY" benchmarks/optimizer_step.py --device cuda --out "$OUT/optimizer_step.md")

@@ -40,8 +40,12 @@ GRAPH_OPTIMIZERS = ("lars", "lamb")  # torch.optim.SGD reads a tensor learning r
 
 
 def graphs_decision(mode: str, *, device: torch.device, distributed: bool, fp16: bool, optimizer: str,
-                    input_bytes: int) -> tuple[bool, str]:
-    """(use graphs?, why) for ``cuda_graphs`` = auto | on | off. ``on`` where it cannot work is an error."""
+                    input_bytes: int, implementation: str = "auto") -> tuple[bool, str]:
+    """(use graphs?, why) for ``cuda_graphs`` = auto | on | off. ``on`` where it cannot work is an error.
+
+    ``implementation`` is the optimizer's path: the compiled LARS path copies its hyper-parameters
+    from pageable host memory at every step, which capture refuses (torch 2.14) or, captured,
+    would replay from freed host memory."""
     if mode == "off":
         return False, "off"
     blocker = None
@@ -53,6 +57,9 @@ def graphs_decision(mode: str, *, device: torch.device, distributed: bool, fp16:
         blocker = "fp16's gradient scaler reads the overflow flag on the host"
     elif optimizer not in GRAPH_OPTIMIZERS:
         blocker = f"optim.name={optimizer} reads its learning rate on the host (use {' or '.join(GRAPH_OPTIMIZERS)})"
+    elif implementation == "compiled":
+        blocker = ("optim.implementation=compiled copies its hyper-parameters from host memory at every step "
+                   "(use triton or foreach)")
     if blocker is not None:
         if mode == "on":
             raise ConfigError(f"cuda_graphs=on cannot be used: {blocker}; set cuda_graphs=auto or off")
@@ -84,7 +91,9 @@ class CudaBackend:
 
     def capture(self, fn: Callable[[], tuple[Tensor, ...]]) -> tuple[Callable[[], None], tuple[Tensor, ...]]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the DataLoader's pin-memory thread (cudaHostAlloc, event queries) runs
+        # during capture; in the default global mode its calls would invalidate the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = fn()
         self.pool = graph.pool()
         return graph.replay, outputs

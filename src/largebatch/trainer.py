@@ -192,6 +192,7 @@ class Trainer:
         use, self.graphs_reason = graphs_decision(
             self.config.cuda_graphs, device=self.env.device, distributed=self.env.distributed,
             fp16=self.scaler.is_enabled(), optimizer=self.config.optim.name, input_bytes=input_bytes,
+            implementation="compiled" if self.config.optim.fused else self.config.optim.implementation,
         )
         if not use:
             return self._compute_step
@@ -324,7 +325,9 @@ class Trainer:
 
     def _compute_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and update: the part a CUDA graph captures (device work only)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        # zeroed in place, not freed: gradients keep their addresses, so the Triton optimizers'
+        # address table is built once, and never during a CUDA graph's capture (docs/models_and_data.md)
+        self.optimizer.zero_grad(set_to_none=False)
         total = torch.zeros((), device=self.env.device)
         last = len(micro_batches) - 1
         for i, (x, y) in enumerate(micro_batches):

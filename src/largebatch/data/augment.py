@@ -17,7 +17,18 @@ from torch import Tensor
 
 from largebatch.data.base import DataError
 
-__all__ = ["CropFlip", "CropFlipDraws", "crop_flip"]
+__all__ = ["CropFlip", "CropFlipDraws", "crop_flip", "to_device"]
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (indices, draws) on ``device`` without stopping the host: on a GPU it is
+    pinned, then copied asynchronously (a copy from pageable memory waits for the GPU, and would
+    cost the loop its lead on every batch). The caching host allocator keeps the pinned block
+    until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class CropFlipDraws:
         return CropFlipDraws(self.dy[s], self.dx[s], self.flip[s])
 
     def to(self, device: torch.device) -> CropFlipDraws:
-        return CropFlipDraws(self.dy.to(device), self.dx.to(device), self.flip.to(device))
+        return CropFlipDraws(to_device(self.dy, device), to_device(self.dx, device), to_device(self.flip, device))
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,8 @@ class CropFlip:
             raise DataError(f"data.options.pad must be an integer >= 0, got {self.pad!r}")
 
     def draw(self, n: int, generator: torch.Generator) -> CropFlipDraws:
-        """Draws for n images, in a fixed order (dy, dx, flip), on the CPU."""
+        """Draws for n images, in a fixed order (dy, dx, flip), on the CPU (the same numbers on
+        every device; :meth:`CropFlipDraws.to` moves them without a host sync)."""
         dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
         if self.flip:

@@ -7,7 +7,9 @@ Two ways to turn files into crops, chosen by ``decode``:
 - ``"device"`` (``"gpu"`` where the device is CUDA): workers only read file bytes; JPEGs are
   decoded in batches on the training device (nvJPEG on a GPU) and cropped, resized and
   flipped there (:mod:`.batch_decode`). Files that are not complete JPEGs (PNG, truncated
-  files) still go through the Pillow path in the workers, so they are read or refused as before.
+  files), and JPEGs whose header shows the device decoder would get them wrong (CMYK, 12-bit,
+  :func:`.batch_decode.device_decodable`), still go through the Pillow path in the workers, so
+  they are read or refused as before.
 
 Either way the float conversion and normalisation happen on the training device, and workers
 ignore SIGTERM from anyone but the main process: a scheduler signals the whole process group,
@@ -47,6 +49,7 @@ from largebatch.data.base import Batch, DataError, DataSource
 from largebatch.data.batch_decode import (
     crop_batch,
     decode_jpegs,
+    device_decodable,
     device_decode_available,
     is_complete_jpeg,
     random_resized_crop_box,
@@ -160,7 +163,7 @@ class _Images(Dataset):
         if encoded:
             with open(path, "rb") as f:
                 data = f.read()
-            if is_complete_jpeg(data):
+            if is_complete_jpeg(data) and device_decodable(data):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), True
         return self.pixels(path, seed), False
 
@@ -183,12 +186,36 @@ class _Images(Dataset):
         return self.first_readable(index, seed, self.encoded, tries)
 
 
-def _collate(items: list[_Item]) -> tuple[list[Tensor], list[bool], Tensor, list, list[int], list[tuple[str, str]]]:
-    payloads = [it[0] for it in items]
+_Collated = tuple["list[Tensor] | Tensor", list[bool], Tensor, list, list[int], list[tuple[str, str]]]
+
+
+def _collate(items: list[_Item]) -> _Collated:
+    """A micro-batch from its items. When every item is a finished crop they are stacked here, in
+    the worker, so the loader's pin-memory thread pins the batch itself and the main thread copies it
+    to the device asynchronously (stacked there, it would be one more copy, into pageable memory, and
+    a copy to the GPU that waits). JPEG bytes stay a list: they are decoded on the device."""
     encoded = [it[1] for it in items]
+    payloads: list[Tensor] | Tensor = [it[0] for it in items]
+    if not any(encoded):
+        payloads = torch.stack(payloads)
     y = torch.tensor([it[2] for it in items], dtype=torch.int64)
     bad = [b for it in items for b in it[5]]
     return payloads, encoded, y, [it[3] for it in items], [it[4] for it in items], bad
+
+
+def _loader_error(root: str, err: Exception) -> Exception:
+    """A loader failure as one line naming its cause: a worker killed from outside (memory, a
+    signal), or the pin-memory thread's error, which torch re-raises here with its traceback in
+    the message ("Caught X in pin memory thread ..."; the cause is the last line). Anything else
+    (a bug) is left as it is."""
+    text = str(err)
+    if "DataLoader worker" in text:
+        return DataError(f"image loader under {root} failed: {text.splitlines()[0]}")
+    if "in pin memory thread" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return DataError(f"image loader under {root} failed while pinning a batch in page-locked memory: "
+                         f"{lines[-1].strip()}")
+    return err
 
 
 class _ListSampler(Sampler):
@@ -305,15 +332,13 @@ class ImageFolderSource(DataSource):
                 raw = next(it)
             except StopIteration:
                 return
-            except RuntimeError as err:  # a worker killed from outside (memory, signal)
-                if "DataLoader worker" not in str(err):
-                    raise
-                raise DataError(f"image loader under {self.root} failed: {str(err).splitlines()[0]}") from None
+            except Exception as err:
+                raise _loader_error(self.root, err) from None
             payloads, encoded, y, _, _, bad = raw
             if any(encoded):
                 x = self._decode_on_device(images, raw)
-            else:
-                x = torch.stack(payloads).to(self.device, non_blocking=True)
+            else:  # stacked (and pinned) by the loader
+                x = payloads.to(self.device, non_blocking=True)
             keep = None
             if bad:
                 if not self.skip:

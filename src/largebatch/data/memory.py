@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from largebatch.data.augment import CropFlip, CropFlipDraws
+from largebatch.data.augment import CropFlip, CropFlipDraws, to_device
 from largebatch.data.base import Batch, DataSource
 from largebatch.data.order import step_generator
 
@@ -56,13 +56,14 @@ class InMemorySource(DataSource):
         self.augment = augment
 
     def _gather(self, x: Tensor, y: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-        idx = indices.to(self.device)
+        idx = to_device(indices, self.device)  # pinned and asynchronous: no host sync per batch
         return x.index_select(0, idx), y.index_select(0, idx)
 
     def _begin_step(self, epoch: int, step: int, global_batch: int) -> CropFlipDraws | None:
         if self.augment is None:
             return None
-        return self.augment.draw(global_batch, step_generator(self.seed, epoch, step))
+        # drawn on the CPU for the whole global batch, moved once per step (not per micro-batch)
+        return self.augment.draw(global_batch, step_generator(self.seed, epoch, step)).to(self.device)
 
     def _train_micro(self, indices: Tensor, positions: slice, state: object) -> Batch:
         x, y = self._gather(self.train_x, self.train_y, indices)

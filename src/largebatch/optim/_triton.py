@@ -1,14 +1,22 @@
 """The Triton multi-tensor path of LARS and LAMB: tensor tables, their cache, and the launches.
 
 Two launches per parameter group and dtype, whatever the number of tensors: one for the
-per-chunk sums of squares, one for the update (LAMB: moments + sums, then the update). The
-table of addresses is built once per set of tensors and reused while every address stays the
-same (parameters and state buffers do not move; a gradient that was reallocated at another
-address rebuilds the table). Nothing is read back to the host.
+per-chunk sums of squares, one for the update (LAMB: moments + sums, then the update); two more
+when the group also holds tensors that forbid 128-bit access (an odd length), which get a table
+of their own. The table of addresses is built once per set of tensors and reused while every
+address stays the same (parameters and state buffers do not move; the trainer zeroes gradients
+in place, so they do not move either; a gradient reallocated elsewhere rebuilds the table, which
+is refused during CUDA graph capture). Launches run with the tensors' device current. Nothing
+is read back to the host.
+
+The update kernel's programs each add up their tensor's per-chunk sums (4 bytes a chunk): a
+tensor of c chunks reads 4c bytes c times, against 16384 elements of its own data per program,
+so that second pass stays under 1% of the traffic below ~1,200 chunks (20M elements) per tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -25,12 +33,14 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Prepared",
     "Table",
+    "Tables",
     "TritonUnavailable",
     "check_usable",
     "dense",
     "lamb_step",
     "lars_step",
     "prepare",
+    "single_under_scaler",
     "split_flat",
     "take",
     "triton_installed",
@@ -93,6 +103,26 @@ def split_flat(columns: list[list[Tensor]]) -> tuple[list[int], list[int]]:
     return flat, odd
 
 
+def single_under_scaler(update: Any, grads: list[Tensor], state: list[Tensor],
+                        grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """Run ``update(grads)`` (a single-tensor path) as the kernels run under GradScaler.
+
+    The optimizer told the scaler that it unscales and skips by itself, so the tensors the
+    kernels cannot take (state laid out unlike the parameter, e.g. channels_last switched on
+    resume) must do the same: gradients divided by the scale (in float32, as the kernels do),
+    and on an overflow every tensor of ``state`` put back as it was, on the device (no host read).
+    """
+    if grad_scale is not None:
+        inv = 1.0 / grad_scale.to(torch.float32)
+        grads = [g.to(torch.float32) * inv for g in grads]
+    saved = [t.clone() for t in state] if found_inf is not None else []
+    update(grads)
+    if found_inf is not None:
+        skip = found_inf != 0
+        for t, old in zip(state, saved, strict=True):
+            t.copy_(torch.where(skip, old, t))
+
+
 def take(items: list[Tensor], indices: list[int]) -> list[Tensor]:
     """items[i] for i in indices (the list itself when that is all of it)."""
     return items if len(indices) == len(items) else [items[i] for i in indices]
@@ -111,7 +141,7 @@ class Table:
     n_chunks: int
 
 
-def _build(columns: list[list[Tensor]]) -> Table:
+def _build(columns: list[list[Tensor]], vec: int) -> Table:
     device = columns[0][0].device
     rows, chunks = [], []
     for i, p in enumerate(columns[0]):
@@ -126,7 +156,7 @@ def _build(columns: list[list[Tensor]]) -> Table:
     n_chunks = len(chunks)
     return Table(
         dtype=columns[0][0].dtype,
-        vec=_vector_width(columns),
+        vec=vec,
         rows=host_rows.to(device, non_blocking=True),
         chunks=host_chunks.to(device, non_blocking=True),
         partial_a=torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
@@ -136,21 +166,39 @@ def _build(columns: list[list[Tensor]]) -> Table:
 
 
 @dataclass
+class Tables:
+    """The tables of one (group, device, dtype) bucket: the tensors that allow 128-bit access,
+    and (only when there are any) the others. One odd-sized tensor (a 10-class bias) then costs
+    its own small launch instead of dropping every tensor of the group to scalar access."""
+
+    parts: list[Table]
+
+
+def _vector_width(columns: list[list[Tensor]], i: int) -> int:
+    """16 bytes' worth of elements when tensor i's addresses are 16-byte aligned and its length a
+    multiple of it (the kernels then load and store 128 bits at a time), else 1."""
+    vec = 16 // columns[0][0].element_size()
+    aligned = all(col[i].data_ptr() % 16 == 0 for col in columns if col[i].dim() > 0)
+    return vec if aligned and columns[0][i].numel() % vec == 0 else 1
+
+
+def _build_tables(columns: list[list[Tensor]]) -> Tables:
+    widths = [_vector_width(columns, i) for i in range(len(columns[0]))]
+    parts = []
+    for vec in sorted(set(widths), reverse=True):
+        members = [i for i, w in enumerate(widths) if w == vec]
+        parts.append(_build([take(col, members) for col in columns], vec))
+    return Tables(parts)
+
+
+@dataclass
 class Prepared:
     """What one step of a (group, device, dtype) bucket needs, reused while no address changes."""
 
     addresses: tuple[int, ...]
     flat: list[int]  # indices of the tensors the kernels take
     odd: list[int]  # indices of the others (single-tensor path)
-    table: Table | None
-
-
-def _vector_width(columns: list[list[Tensor]]) -> int:
-    """16 bytes' worth of elements when every address is 16-byte aligned and every length a
-    multiple of it (the kernels then load and store 128 bits at a time), else 1."""
-    vec = 16 // columns[0][0].element_size()
-    aligned = all(t.data_ptr() % 16 == 0 for col in columns for t in col if t.dim() > 0)
-    return vec if aligned and all(p.numel() % vec == 0 for p in columns[0]) else 1
+    table: Tables | None
 
 
 def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int) -> Prepared:
@@ -160,8 +208,14 @@ def prepare(cache: dict, key: Any, columns: list[list[Tensor]], elementwise: int
     addresses = tuple(t.data_ptr() for col in columns for t in col)
     entry = cache.get(key)
     if entry is None or entry.addresses != addresses:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the Triton optimizer's tensors moved during CUDA graph capture (its address table would be "
+                "uploaded from host memory freed before the replay); keep gradients allocated across steps "
+                "(zero_grad(set_to_none=False)) and run a step before capturing"
+            )
         flat, odd = split_flat(columns[:elementwise])
-        table = _build([take(col, flat) for col in columns]) if flat else None
+        table = _build_tables([take(col, flat) for col in columns]) if flat else None
         entry = Prepared(addresses, flat, odd, table)
         cache[key] = entry
     return entry
@@ -188,32 +242,39 @@ def _lr_args(lr: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[T
     return dummy, float(lr), False
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: a model on cuda:1 must make it current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def lars_step(
-    tab: Table, *, has_momentum: bool, lr: float | Tensor, momentum: float, weight_decay: float,
+    tab: Tables, *, has_momentum: bool, lr: float | Tensor, momentum: float, weight_decay: float,
     trust_coefficient: float, eps: float, nesterov: bool, clip: bool, adapt: bool,
     grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One LARS update of the tensors of ``tab`` (one device and dtype), in two launches."""
+    """One LARS update of the tensors of ``tab`` (one device and dtype), in two launches per table."""
     from largebatch.optim._triton_kernels import compiled
 
-    if tab.n_chunks == 0:
-        return
-    n_columns = 3 if has_momentum else 2
-    common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
-                  CHUNK=CHUNK, BLOCK=_block())
-    grid = (tab.n_chunks,)
-    if adapt:
-        compiled("lars_norms")[grid](tab.rows, tab.chunks, tab.partial_a, tab.partial_b, **common)
-    dummy = tab.partial_a
-    lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
-    compiled("lars_update")[grid](
-        tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value,
-        grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-        float(momentum), float(weight_decay), float(trust_coefficient), float(eps),
-        **common, PBLOCK=PBLOCK, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-        ADAPT=bool(adapt), CLIP=bool(clip), LR_IS_TENSOR=lr_is_tensor,
-        HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-    )
+    for part in tab.parts:
+        if part.n_chunks == 0:
+            continue
+        n_columns = 3 if has_momentum else 2
+        common = dict(ROW=n_columns + 3, NUMEL=n_columns, DT=_tl_dtype(part.dtype), VEC=part.vec,
+                      CHUNK=CHUNK, BLOCK=_block())
+        grid = (part.n_chunks,)
+        dummy = part.partial_a
+        lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
+        with _on_device(dummy.device):
+            if adapt:
+                compiled("lars_norms")[grid](part.rows, part.chunks, part.partial_a, part.partial_b, **common)
+            compiled("lars_update")[grid](
+                part.rows, part.chunks, part.partial_a, part.partial_b, lr_ptr, lr_value,
+                grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+                float(momentum), float(weight_decay), float(trust_coefficient), float(eps),
+                **common, PBLOCK=PBLOCK, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
+                ADAPT=bool(adapt), CLIP=bool(clip), LR_IS_TENSOR=lr_is_tensor,
+                HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            )
 
 
 def _log2(beta: float) -> float:
@@ -221,32 +282,36 @@ def _log2(beta: float) -> float:
 
 
 def lamb_step(
-    tab: Table, steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
+    tab: Tables, steps: list[Tensor], *, lr: float | Tensor, betas: tuple[float, float], eps: float,
     weight_decay: float, adapt: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One LAMB update of the tensors of ``tab``: their step counts, then two launches."""
+    """One LAMB update of the tensors of ``tab``: their step counts, then two launches per table
+    (the kernels read each tensor's step count through the table)."""
     from largebatch.optim._triton_kernels import compiled
 
     torch._foreach_add_(steps, 1)
-    if tab.n_chunks:
-        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(tab.dtype), VEC=tab.vec,
-                  CHUNK=CHUNK, BLOCK=_block())
-        grid = (tab.n_chunks,)
-        dummy = tab.partial_a
-        b1, b2 = (float(b) for b in betas)
+    b1, b2 = (float(b) for b in betas)
+    for part in tab.parts:
+        if not part.n_chunks:
+            continue
+        common = dict(ROW=5 + 3, NUMEL=5, DT=_tl_dtype(part.dtype), VEC=part.vec,
+                      CHUNK=CHUNK, BLOCK=_block())
+        grid = (part.n_chunks,)
+        dummy = part.partial_a
         found = found_inf if found_inf is not None else dummy
-        compiled("lamb_moments")[grid](
-            tab.rows, tab.chunks, tab.partial_a, tab.partial_b,
-            grad_scale if grad_scale is not None else dummy, found,
-            b1, b2, _log2(b1), _log2(b2), float(eps), float(weight_decay),
-            **common, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        )
         lr_ptr, lr_value, lr_is_tensor = _lr_args(lr, dummy.device, dummy)
-        compiled("lamb_update")[grid](
-            tab.rows, tab.chunks, tab.partial_a, tab.partial_b, lr_ptr, lr_value, found,
-            _log2(b1), _log2(b2), float(eps), float(weight_decay),
-            **common, PBLOCK=PBLOCK, ADAPT=bool(adapt), LR_IS_TENSOR=lr_is_tensor,
-            HAS_FOUND_INF=found_inf is not None,
-        )
+        with _on_device(dummy.device):
+            compiled("lamb_moments")[grid](
+                part.rows, part.chunks, part.partial_a, part.partial_b,
+                grad_scale if grad_scale is not None else dummy, found,
+                b1, b2, _log2(b1), _log2(b2), float(eps), float(weight_decay),
+                **common, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            )
+            compiled("lamb_update")[grid](
+                part.rows, part.chunks, part.partial_a, part.partial_b, lr_ptr, lr_value, found,
+                _log2(b1), _log2(b2), float(eps), float(weight_decay),
+                **common, PBLOCK=PBLOCK, ADAPT=bool(adapt), LR_IS_TENSOR=lr_is_tensor,
+                HAS_FOUND_INF=found_inf is not None,
+            )
     if found_inf is not None:  # a skipped step does not count
         torch._foreach_sub_(steps, [found_inf.to(steps[0].dtype)] * len(steps))

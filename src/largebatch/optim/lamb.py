@@ -15,6 +15,7 @@ parameter dtype: in bf16, 0.999 rounds to 1 and 1 - b2^t would be 0.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -135,6 +136,9 @@ class LAMB(Optimizer):
         check_loadable("LAMB", state_dict["param_groups"], self.param_groups, ("betas", "lars_adapt"),
                        {"grad_averaging": True, "adam_w_mode": True})
         load_keeping_path_choice(self, super().load_state_dict, state_dict)
+        for p, st in self.state.items():  # torch leaves "step" where it was saved; kernels read it on p's device
+            if isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
         self._tables = {}
 
     @property
@@ -311,7 +315,10 @@ def _triton_lamb(
             continue
         prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), [ps, gs, ms, vs, ts], 4)
         if prepared.odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
-            _single_tensor_lamb(*(_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts)), **options)
+            o_ps, o_gs, o_ms, o_vs, o_ts = (_triton.take(xs, prepared.odd) for xs in (ps, gs, ms, vs, ts))
+            _triton.single_under_scaler(  # unscaled and skipped as the kernels do (GradScaler relies on it)
+                functools.partial(_single_tensor_lamb, o_ps, exp_avgs=o_ms, exp_avg_sqs=o_vs, steps=o_ts, **options),
+                o_gs, o_ps + o_ms + o_vs + o_ts, grad_scale, found_inf)
         if prepared.table is not None:
             _triton.lamb_step(prepared.table, _triton.take(ts, prepared.flat), grad_scale=grad_scale,
                               found_inf=found_inf, **options)

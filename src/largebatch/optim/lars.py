@@ -19,6 +19,7 @@ of them reads a value back to the host or writes into ``p.grad``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -487,8 +488,10 @@ def _triton_lars(
         prepared = _triton.prepare(tables, (group_index, ps[0].device, ps[0].dtype), list(bucket), len(bucket))
         odd = prepared.odd
         if odd:  # not dense, or laid out unlike its gradient: rare, and correct one at a time
-            _single_tensor_lars(_triton.take(ps, odd), _triton.take(gs, odd),
-                                None if vs is None else _triton.take(vs, odd), **options)
+            odd_ps, odd_vs = _triton.take(ps, odd), None if vs is None else _triton.take(vs, odd)
+            _triton.single_under_scaler(  # unscaled and skipped as the kernels do (GradScaler relies on it)
+                functools.partial(_single_tensor_lars, odd_ps, bufs=odd_vs, **options),
+                _triton.take(gs, odd), odd_ps + (odd_vs or []), grad_scale, found_inf)
         if prepared.table is not None:
             _triton.lars_step(prepared.table, has_momentum=vs is not None, grad_scale=grad_scale,
                               found_inf=found_inf, **options)
