@@ -127,6 +127,7 @@ class Trainer:
         self._stop_requested = False  # set by a stop signal (or a test) until the run ends
         self._stop_signal: int | None = None  # the first signal that asked for the stop
         self._interrupts = 0  # Ctrl-Cs seen: the second one stops at once
+        stop_signals.requeue_signal()  # a bad LARGEBATCH_REQUEUE_SIGNAL is refused before anything is written
         self._host_group: object | None = None  # where ranks agree on the stop flag (host-side, gloo)
 
         self.micro_batch, self.accumulation = batch_plan(config, self.env.world_size)
@@ -264,7 +265,8 @@ class Trainer:
                 if name is None:
                     step, rank = self.step, self.env.rank
                     ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
-                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank))
+                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank)
+                                         or faults.maybe_pause("checkpoint", step, rank))
                     ckpt.prune(directory, self.config.keep_checkpoints)
                 else:
                     ckpt.save_checkpoint(directory / name, self._payload())
@@ -335,6 +337,7 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, top1, top5, count, stopped
         topk = 5 if self.data.num_classes > 5 else 1
         for x, y in self.data.eval_batches(self.config.data.eval_batch, self.env.rank, self.env.world_size):
+            faults.maybe_pause("eval", self.step, self.env.rank)
             if self._stop_requested:  # a stop does not wait for the evaluation: checked at each batch
                 sums[4] = 1
                 break
@@ -452,6 +455,7 @@ class Trainer:
                 if self.step == start_step + 1:
                     self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
                 faults.maybe_kill("step", self.step, self.env.rank)
+                faults.maybe_pause("step", self.step, self.env.rank)
                 stop = records_failed = False
                 if self.should_log():
                     stop, records_failed = self._log(writer, window, lr, time.perf_counter() - t_start)
