@@ -20,7 +20,7 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 START_TIMEOUT_S = 30.0
-NODE = "lbnode"
+NODE = socket.gethostname()  # the node's name resolves, as the rendezvous host must
 
 
 def missing() -> str | None:
@@ -77,7 +77,7 @@ class SlurmCluster:
         conf.write_text(self._conf(ctld_port, slurmd_port, sock))
         self.env = dict(os.environ, SLURM_CONF=str(conf))
         self._spawn("slurmctld", [_exe("slurmctld"), "-D", "-i", "-f", str(conf)])
-        self._spawn("slurmd", [_exe("slurmd"), "-D", "-N", NODE, "-f", str(conf)])
+        self._spawn("slurmd", [_exe("slurmd"), "-D", "-f", str(conf)])
         self._wait(self._node_idle, "the node to be idle", t0)
 
     def stop(self) -> None:
@@ -148,7 +148,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
@@ -163,6 +163,7 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
@@ -174,7 +175,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 JobRequeue=1
 OverTimeLimit=0
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
 PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 """
 
