@@ -179,7 +179,9 @@ def test_scontrol_requeue_during_a_checkpoint_write_continues_exactly(tmp_path, 
     slurm.run("scontrol", "requeue", job)
     assert finish(slurm, job) == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
     assert slurm.job_field(job, "Restarts") == "1"
-    assert "checkpoint written at step 8" in (tmp_path / "job.out").read_text()
+    # the requeue's SIGTERM came after step 8's stop check: step 8's file is completed, and the stop lands
+    # at the next step boundary
+    assert "stopped by SIGTERM; checkpoint written at step 9" in (tmp_path / "job.out").read_text()
     assert same_weights(weights(newest(run)), weights(newest(straight)))
 
 
