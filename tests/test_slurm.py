@@ -211,3 +211,17 @@ def test_srun_with_a_task_count_that_does_not_split_the_batch_is_refused(tmp_pat
     assert next(line for line in done.stderr.splitlines() if line.startswith("largebatch:")) == (
         "largebatch: error: batch_size 127 is not divisible by world size 2")
     assert not run.exists()
+
+
+@pytest.mark.slow
+@pytestmark_real
+def test_a_job_reaching_its_time_limit_is_warned_checkpoints_requeues_and_ends_bit_identical(tmp_path, slurm, straight):
+    """A 1-minute limit with the warning 55 s ahead: Slurm sends it within the minute (its timer has a
+    resolution of up to a minute); the run waits at step 5 for it, so no step count depends on when."""
+    run, marker = tmp_path / "run", tmp_path / "paused"
+    job = submit(slurm, tmp_path, run, "--time=1", "--signal=B:USR1@55", pause=f"step:5:0:{marker}")
+    assert finish(slurm, job, timeout=300) == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    log = (tmp_path / "job.out").read_text()
+    assert "stopped by SIGUSR1 (the scheduler's warning); checkpoint written at step 5" in log
+    assert slurm.job_field(job, "Restarts") == "1"
+    assert same_weights(weights(newest(run)), weights(newest(straight)))
