@@ -3,12 +3,16 @@
 Debian's ``slurm-wlm`` and ``munge`` (``make test`` installs them when run as root). munged runs
 with its own key, socket and pid file; slurmctld and slurmd listen on free loopback ports and read
 a ``slurm.conf`` written here (one node of 2 CPUs, no cgroups, short KillWait). Every daemon runs
-in the foreground as our child, so it is stopped by its process id and cannot outlive the tests.
+in the foreground as our child, so it is stopped by its process id; each is also told by the
+kernel to end with the test process (PR_SET_PDEATHSIG), so a killed test run leaves no daemon.
+At teardown the jobs are cancelled first, and any of their processes still alive (found by this
+cluster's SLURM_CONF in their environment) are killed by pid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -47,6 +51,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the daemon, before exec: SIGTERM when the process that started it dies."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _exe(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -81,7 +91,17 @@ class SlurmCluster:
         self._wait(self._node_idle, "the node to be idle", t0)
 
     def stop(self) -> None:
-        """SIGTERM each daemon we started (by pid), SIGKILL what is left after 5 s; then any job processes."""
+        """Cancel every job, SIGTERM each daemon we started (by pid), SIGKILL what is left after 5 s;
+        then any job process still alive."""
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None and self.env:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=10)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and subprocess.run(
+                        ["squeue", "-h", "-t", "RUNNING,COMPLETING"], env=self.env, capture_output=True,
+                        text=True, timeout=10).stdout.strip():
+                    time.sleep(0.2)
         for name in reversed(DAEMONS):  # slurmd, slurmctld, then munged (they talk through it to the end)
             proc = self.procs.get(name)
             if proc is None:
@@ -93,25 +113,23 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self._kill_leftover_steps()
+        self._kill_leftovers()
 
-    def _kill_leftover_steps(self) -> None:
-        """slurmstepd processes of this cluster (they name our spool dir in their command line)."""
-        marker = str(self.root).encode()
+    def _kill_leftovers(self) -> None:
+        """Processes of this cluster's jobs still alive: their environment names our slurm.conf."""
+        marker = f"SLURM_CONF={self.root / 'slurm.conf'}".encode() + b"\0"
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             with contextlib.suppress(OSError):
-                cmd = (entry / "cmdline").read_bytes()
-                environ = (entry / "environ").read_bytes()
-                if b"slurmstepd" in cmd and marker in environ:
+                if marker in (entry / "environ").read_bytes():
                     os.kill(int(entry.name), signal.SIGKILL)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "wb")  # noqa: SIM115 (kept open for the daemon's life)
         env = dict(os.environ, SLURM_CONF=str(self.root / "slurm.conf"))
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         log.close()
 
     def _wait(self, ready, what: str, t0: float) -> None:
