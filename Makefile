@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 DATA   := /usr/share/datasets/fashion-mnist
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data test test-fast lint demo bench clean
+.PHONY: setup data slurm test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,15 @@ data:
 	  else echo "Fashion-MNIST missing at $(DATA); install the Debian package dataset-fashion-mnist"; fi; \
 	fi
 
-test: setup data
+# Slurm and munge for tests/test_slurm.py (a one-node cluster the tests start in a temporary directory)
+slurm:
+	@if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; \
+	  else echo "Slurm missing: install the Debian packages slurm-wlm and munge (tests/test_slurm.py needs them)"; fi; \
+	fi
+
+test: setup data slurm
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -6,7 +6,10 @@ and the command line can map them to exit statuses without importing the trainer
 
 from __future__ import annotations
 
-__all__ = ["EXIT_STATUS", "DivergenceError", "Preempted", "UserError", "exit_status"]
+__all__ = [
+    "EXIT_REQUEUE", "EXIT_STATUS", "DivergenceError", "Interrupted", "Preempted", "RequeueRequested", "UserError",
+    "exit_status",
+]
 
 
 class UserError(Exception):
@@ -26,10 +29,24 @@ class Preempted(RuntimeError):
     """SIGTERM arrived; a checkpoint was written at the step boundary."""
 
 
+class Interrupted(Preempted):
+    """Ctrl-C (SIGINT): a checkpoint at the step boundary, or none after a second Ctrl-C."""
+
+
+class RequeueRequested(Preempted):
+    """The scheduler's warning signal (SIGUSR1 by default): checkpoint written, the job script requeues."""
+
+
+# EX_TEMPFAIL of sysexits.h: "a temporary failure; the user is invited to retry"; the sbatch
+# examples requeue the job on this status and on no other
+EXIT_REQUEUE = 75
+
 # the one table the command line consults, most specific first
 EXIT_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UserError, 2),
     (DivergenceError, 3),
+    (Interrupted, 130),
+    (RequeueRequested, EXIT_REQUEUE),
     (Preempted, 143),
 )
 

@@ -32,14 +32,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch import checkpoint as ckpt
-from largebatch import faults
+from largebatch import faults, stop_signals
 from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
 from largebatch.cuda_graph import GraphedStep, graphs_decision
 from largebatch.data import DataSource, build_dataset
 from largebatch.data.base import Batch
-from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, compress_gradients, init_distributed
+from largebatch.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    any_rank_max,
+    broadcast_object,
+    compress_gradients,
+    host_group,
+    init_distributed,
+)
 from largebatch.errors import Preempted
-from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
+from largebatch.metrics import MetricsWriter, Progress, RunRecordError, read_jsonl, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.rundir import RunDir
@@ -116,7 +124,11 @@ class Trainer:
         self.env = env or init_distributed(config.device, timeout_s=config.dist_timeout_s)
         self.run_dir = Path(config.out)
         self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
-        self._stop_requested = False
+        self._stop_requested = False  # set by a stop signal (or a test) until the run ends
+        self._stop_signal: int | None = None  # the first signal that asked for the stop
+        self._interrupts = 0  # Ctrl-Cs seen: the second one stops at once
+        stop_signals.requeue_signal()  # a bad LARGEBATCH_REQUEUE_SIGNAL is refused before anything is written
+        self._host_group: object | None = None  # where ranks agree on the stop flag (host-side, gloo)
 
         self.micro_batch, self.accumulation = batch_plan(config, self.env.world_size)
 
@@ -164,6 +176,7 @@ class Trainer:
 
         self.step = 0
         self.best_top1 = -1.0
+        self._eval_pending = False  # this step's evaluation was skipped by a stop: done first on resume
         # only now, with data and model known to be usable, is the run directory touched
         self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
         resume_path = self.rundir.open(resume, overwrite)
@@ -215,6 +228,7 @@ class Trainer:
             "micro_batch": self.micro_batch,
             "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None,
             "config": to_dict(self.config),
+            "eval_pending": self._eval_pending,
         }
 
     def _load(self, path: Path) -> None:
@@ -225,6 +239,7 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
             self.step = int(payload["step"])
             self.best_top1 = float(payload.get("best_top1", -1.0))
+            self._eval_pending = bool(payload.get("eval_pending", False))
         except (KeyError, RuntimeError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
                                        f"{str(err).splitlines()[0][:200]}") from None
@@ -284,7 +299,8 @@ class Trainer:
                 if name is None or moved is not None:  # a moved run stops with its step's checkpoint
                     step, rank = self.step, self.env.rank
                     ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
-                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank))
+                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank)
+                                         or faults.maybe_pause("checkpoint", step, rank))
                     ckpt.prune(directory, self.config.keep_checkpoints)
             except ckpt.CheckpointError as err:
                 error = str(err)
@@ -355,9 +371,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.runner.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.env.device)  # loss, top1, top5, count
+        sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, top1, top5, count, stopped
         topk = 5 if self.data.num_classes > 5 else 1
         for x, y in self.data.eval_batches(self.config.data.eval_batch, self.env.rank, self.env.world_size):
+            faults.maybe_pause("eval", self.step, self.env.rank)
+            if self._stop_requested:  # a stop does not wait for the evaluation: checked at each batch
+                sums[4] = 1
+                break
             logits = self.forward(x)
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
             hits = logits.topk(topk, dim=1).indices == y[:, None]
@@ -365,7 +385,9 @@ class Trainer:
             sums[2] += hits.any(dim=1).sum()
             sums[3] += y.numel()
         all_reduce_sum(sums)
-        loss, top1, top5, count = sums.tolist()
+        loss, top1, top5, count, stopped = sums.tolist()
+        if stopped:
+            raise EvaluationStopped("a stop was requested during the evaluation")
         result = {"eval_loss": loss / count, "top1": 100.0 * top1 / count}
         result["top5"] = 100.0 * top5 / count if topk == 5 else None
         return result
@@ -402,19 +424,64 @@ class Trainer:
             )
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        """Signal handler: stop at the next step boundary with a checkpoint; a second Ctrl-C stops at once."""
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
+        if not self._stop_requested:
+            self._stop_signal = signum
         self._stop_requested = True
+
+    def _stop_agreed(self) -> int:
+        """Any rank's stop request as a code (0: none), the same on every rank.
+
+        Called at every step boundary: one 4-byte host-side all-reduce (gloo) per step, nothing for
+        a single process, and no wait for the device, so a stop is acted on at the next boundary.
+        """
+        code = stop_signals.stop_code(self._stop_signal) if self._stop_requested else stop_signals.StopCode.NONE
+        return any_rank_max(code, self._host_group)
+
+    def _interrupted_now(self) -> Preempted:
+        steps = ckpt.step_checkpoints(self.run_dir / "checkpoints") if self.env.is_main else []
+        return stop_signals.interrupted_now(self.step, self.run_dir, steps[-1] if steps else None)
+
+    def _report_lost_steps(self) -> None:
+        """On resume: the steps logged after the checkpoint (a stop that came too late for a checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.env.is_main or self.step == 0 or not path.is_file():
+            return
+        try:
+            rows = [r for r in read_jsonl(path) if r.get("kind") == "train"]
+        except (OSError, RunRecordError):
+            return
+        last = max((int(r.get("step", 0)) for r in rows), default=0)
+        if last > self.step:
+            self.progress.message(
+                f"{last - self.step} step(s) logged after the checkpoint of step {self.step} were lost "
+                f"(the run ended without a checkpoint of its last step); they are trained again"
+            )
 
     def run(self) -> RunResult:
         t_start = time.perf_counter()
         writer: MetricsWriter | None = None
         start_step, finished = self.step, False
-        previous = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         last_eval: dict[str, Any] = {}
-        try:
+        stopping = contextlib.ExitStack()  # the stop-signal handlers, entered inside the try
+        try:  # from here on, whatever is raised still closes the run directory (nothing left half-made)
+            stopping.enter_context(stop_signals.installed(self._request_stop))
             self._announce()
+            self._report_lost_steps()
+            self._host_group = host_group()
             if self.env.is_main:
                 writer = MetricsWriter(self.run_dir, resume_after_step=self.step if self.resumed else None,
                                        notice=self.progress.message)
+            if self._eval_pending:  # the evaluation a stop skipped before this checkpoint
+                self._eval_pending = False
+                try:
+                    last_eval = self._evaluate_and_keep_best(writer, time.perf_counter() - t_start)
+                except EvaluationStopped:  # the step's checkpoint still says the evaluation is pending
+                    raise stop_signals.stopped_error(self._stop_agreed(), self.step, self.run_dir) from None
             window = _Window(self.env.device)
             for micro, data_s in _timed(self._batches()):
                 window.data_s += data_s
@@ -426,12 +493,19 @@ class Trainer:
                 if self.step == start_step + 1:
                     self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
                 faults.maybe_kill("step", self.step, self.env.rank)
+                faults.maybe_pause("step", self.step, self.env.rank)
                 stop = records_failed = False
                 if self.should_log():
                     stop, records_failed = self._log(writer, window, lr, time.perf_counter() - t_start)
                     window = _Window(self.env.device)
+                stop = self._stop_agreed()  # every step boundary, not only log steps
                 if self.should_evaluate():
-                    last_eval = self._evaluate_and_keep_best(writer, time.perf_counter() - t_start)
+                    try:
+                        if stop:
+                            raise EvaluationStopped
+                        last_eval = self._evaluate_and_keep_best(writer, time.perf_counter() - t_start)
+                    except EvaluationStopped:  # skipped or abandoned: the checkpoint says so, resume does it
+                        stop, self._eval_pending = self._stop_agreed(), True
                     window.restart()
                 if self.should_checkpoint(stop or records_failed):
                     self.save()
@@ -439,13 +513,14 @@ class Trainer:
                 if records_failed:
                     raise RunRecordError(self._records_failed_message(writer))
                 if stop:
-                    raise Preempted(f"stopped by SIGTERM; checkpoint written at step {self.step} in {self.run_dir}")
+                    raise stop_signals.stopped_error(stop, self.step, self.run_dir)
             if writer is not None and writer.error is not None:  # the last row could not be written
                 raise RunRecordError(self._records_failed_message(writer))
             finished = True
+        except KeyboardInterrupt:  # a second Ctrl-C
+            raise self._interrupted_now() from None
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            stopping.close()
             if writer:
                 writer.close()
             if not finished:  # a run refused before its first step takes away what it created
@@ -474,6 +549,7 @@ class Trainer:
             f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
             f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}{graphs}"
+            f"; launcher: {env.launcher}"
         )
         if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
             self.progress.message(
@@ -558,10 +634,8 @@ class _Window:
         return loss_sum / ranks / max(self.steps, 1), stops > 0, failed > 0
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+class EvaluationStopped(Exception):
+    """A stop was requested while evaluating: the evaluation is abandoned, the step is checkpointed."""
 
 
 def train(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False) -> RunResult:
