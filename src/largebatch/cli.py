@@ -8,16 +8,16 @@ checkpoint, a run that lost a peer process 4. Anything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
 
 from largebatch import __version__
-from largebatch.errors import exit_status
+from largebatch.console import write_line
+from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line
 
 __all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main"]
-
-EXIT_LOST_PEER = 4
 
 # plain flags for the common keys: flag -> (dotted key, type, help)
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -140,14 +140,6 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_status(err: BaseException) -> int | None:
-    """The exit status for an error that ends a run in one line, or None for a bug (traceback)."""
-    status = exit_status(err)
-    if status is None and _is_lost_peer(err):
-        return EXIT_LOST_PEER
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as err:
-        status = None if os.environ.get("LARGEBATCH_DEBUG") else _exit_status(err)
+        status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
         if status == EXIT_LOST_PEER:
-            _error(f"lost contact with another process ({_first_line(err)[:200]}); "
+            _error(f"lost contact with another process ({first_line(err, 200)}); "
                    "restart with --resume auto to continue from the last checkpoint")
         else:
             _error(err)
@@ -175,27 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
 
 
-def _is_lost_peer(err: BaseException) -> bool:
-    """A collective failed because a peer process or host went away (or timed out)."""
-    import torch.distributed as dist
-
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
-    )
-
-
-def _first_line(err: object) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _error(err: object) -> None:
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if rank else ""
-    print(f"largebatch: error: {prefix}{_first_line(err)}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # stderr closed: the exit status still tells
+        write_line(sys.stderr, f"largebatch: error: {prefix}{first_line(err)}\n")
 
 
 if __name__ == "__main__":

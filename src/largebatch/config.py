@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from largebatch.errors import UserError
+from largebatch.errors import UserError, first_line
 from largebatch.optim._common import IMPLEMENTATIONS
 from largebatch.optim.lamb import LAMB_IMPLEMENTATIONS
 from largebatch.schedule import DECAYS, ORIGINS
@@ -327,7 +327,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{what} {path} must hold a mapping, got {type(tree).__name__}")
     return tree

@@ -6,7 +6,12 @@ and the command line can map them to exit statuses without importing the trainer
 
 from __future__ import annotations
 
-__all__ = ["EXIT_STATUS", "DivergenceError", "Preempted", "UserError", "exit_status"]
+__all__ = [
+    "EXIT_LOST_PEER", "EXIT_STATUS", "DivergenceError", "Preempted", "UserError", "exit_status", "first_line",
+    "is_lost_peer",
+]
+
+EXIT_LOST_PEER = 4
 
 
 class UserError(Exception):
@@ -33,10 +38,31 @@ EXIT_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Preempted, 143),
 )
 
+# how a collective reports a peer process or host that went away (or timed out)
+_LOST_PEER_MARKS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because another process went away: torch's DistError (by name, so
+    that this module needs no torch) or a RuntimeError from the gloo/NCCL transport."""
+    if any(kind.__name__ == "DistError" for kind in type(err).__mro__):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in _LOST_PEER_MARKS)
+
 
 def exit_status(err: BaseException) -> int | None:
     """The exit status for an error that ends a run in one line, or None (a bug: traceback)."""
     for kind, status in EXIT_STATUS:
         if isinstance(err, kind):
             return status
+    if is_lost_peer(err):
+        return EXIT_LOST_PEER
     return None
+
+
+def first_line(err: object, limit: int | None = None) -> str:
+    """The first non-empty line of an error's message, or its type name when there is none."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text[:limit] if limit else text

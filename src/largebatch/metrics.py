@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from largebatch.config import ConfigError
+from largebatch.console import write_line
+from largebatch.errors import UserError
 
 CSV_COLUMNS = (
     "kind", "step", "epoch", "lr", "loss", "img_per_s", "data_time_s", "elapsed_s",
@@ -28,7 +29,7 @@ CSV_COLUMNS = (
 )
 
 
-class RunRecordError(ConfigError):
+class RunRecordError(UserError, ValueError):
     """metrics.jsonl or metrics.csv cannot be written or read back; the message names the file."""
 
 
@@ -253,8 +254,7 @@ class Progress:
         if self._closed:
             return
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            write_line(self.stream, text)  # one write(2): ranks' lines never merge
         except (OSError, ValueError):  # BrokenPipeError, a closed file, EIO from a lost terminal
             self._closed = True
             _silence(self.stream)

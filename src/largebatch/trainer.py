@@ -38,7 +38,7 @@ from largebatch.cuda_graph import GraphedStep, graphs_decision
 from largebatch.data import DataSource, build_dataset
 from largebatch.data.base import Batch
 from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, compress_gradients, init_distributed
-from largebatch.errors import Preempted
+from largebatch.errors import Preempted, first_line
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import LAMB, LARS, param_groups
@@ -224,7 +224,7 @@ class Trainer:
             self.best_top1 = float(payload.get("best_top1", -1.0))
         except (KeyError, RuntimeError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                                       f"{str(err).splitlines()[0][:200]}") from None
+                                       f"{first_line(err, 200)}") from None
         if self.step > self.total_steps:
             raise ConfigError(f"checkpoint {path} is at step {self.step}, beyond this run's {self.total_steps} steps")
         if payload.get("world_size") != self.env.world_size:

@@ -55,6 +55,7 @@ from largebatch.data.batch_decode import (
 from largebatch.data.memory import Normalize
 from largebatch.data.order import epoch_permutation, eval_shard, plan_steps, step_generator
 from largebatch.data.synthetic import IMAGENET_MEAN, IMAGENET_STD
+from largebatch.errors import first_line
 
 __all__ = [
     "DECODE_CHOICES",
@@ -308,7 +309,7 @@ class ImageFolderSource(DataSource):
             except RuntimeError as err:  # a worker killed from outside (memory, signal)
                 if "DataLoader worker" not in str(err):
                     raise
-                raise DataError(f"image loader under {self.root} failed: {str(err).splitlines()[0]}") from None
+                raise DataError(f"image loader under {self.root} failed: {first_line(err)}") from None
             payloads, encoded, y, _, _, bad = raw
             if any(encoded):
                 x = self._decode_on_device(images, raw)

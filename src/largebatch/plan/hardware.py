@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from largebatch.errors import first_line
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL, Network, TwoLevelNetwork
 from largebatch.plan.errors import PlanError
 
@@ -239,7 +240,7 @@ def load_hardware(spec: str | Path) -> Hardware:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise PlanError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise PlanError(f"{origin}: not valid YAML ({first_line(err)})") from None
     return parse_hardware(data, origin)
 
 
