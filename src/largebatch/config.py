@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from largebatch.errors import UserError, first_line
-from largebatch.optim._common import IMPLEMENTATIONS
-from largebatch.optim.lamb import LAMB_IMPLEMENTATIONS
+from largebatch.optimizer_table import COMMON_KEYS, OPTIMIZER_TABLE
 from largebatch.schedule import DECAYS, ORIGINS
 
 __all__ = [
@@ -57,7 +56,7 @@ __all__ = [
     "validate",
 ]
 
-OPTIMIZERS = ("lars", "lamb", "sgd")
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_GRAPHS = ("auto", "on", "off")
@@ -103,18 +102,21 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = described("lars", "lars, lamb or sgd (momentum; the linear-scaling baseline)")
-    lr: float = described(10.0, "peak learning rate after warm-up (before a scaling rule, if any)")
-    momentum: float = described(0.9, "momentum (lars, sgd)")
+    lr: float | None = described(None, "peak learning rate after warm-up (before a scaling rule, if any); "
+                                 "default per optimizer: " + ", ".join(
+                                     f"{n} {s.default_lr:g}" for n, s in OPTIMIZER_TABLE.items()))
+    momentum: float = described(0.9, "momentum in [0, 1) (lars, sgd)")
     weight_decay: float = described(5e-4, "L2 weight decay (lars, sgd: in the gradient; lamb: decoupled)")
     trust_coefficient: float = described(0.001, "LARS eta in eta * ||w|| / (||g|| + wd * ||w|| + eps)")
-    eps: float = described(0.0, "LARS epsilon in the trust ratio's denominator; LAMB's Adam epsilon (0: 1e-6)")
+    eps: float | None = described(None, "lars: epsilon in the trust ratio's denominator (default 0); "
+                                  "lamb: Adam's epsilon (default 1e-6, > 0)")
     nesterov: bool = described(False, "Nesterov momentum (lars, sgd); needs momentum > 0")
-    clip: bool = described(False, "LARC clip mode: the effective rate lr * r is capped at lr")
+    clip: bool = described(False, "lars: LARC clip mode, the effective rate lr * r is capped at lr")
     betas: tuple[float, float] = described((0.9, 0.999), "LAMB's moment decay rates, each in [0, 1)")
     exclude_bias_and_norm: bool = described(True, "biases and norm weights: no trust ratio, no weight decay")
-    fused: bool = described(False, "LARS as one compiled kernel per tensor (torch.compile); = implementation=compiled")
+    fused: bool = described(False, "lars: an alias of implementation=compiled (kept for old configs)")
     implementation: str = described("auto", "optimizer path: auto (triton on CUDA, foreach on CPU), triton, foreach, "
-                                    "compiled or single")
+                                    "compiled (lars) or single; sgd: auto")
     label_smoothing: float = described(0.0, "cross-entropy label smoothing, in [0, 1)")
 
 
@@ -363,8 +365,6 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no knowledge of the world size, the model registry or the data."""
     _choice("optim.name", config.optim.name, OPTIMIZERS)
-    _choice("optim.implementation", config.optim.implementation,
-            LAMB_IMPLEMENTATIONS if config.optim.name == "lamb" else IMPLEMENTATIONS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)
@@ -374,8 +374,8 @@ def validate(config: TrainConfig) -> None:
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ORIGINS)
-    _positive("optim.lr", config.optim.lr)
-    _positive("optim.momentum", config.optim.momentum, allow_zero=True)
+    if not 0.0 <= config.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {config.optim.momentum}")
     _positive("optim.weight_decay", config.optim.weight_decay, allow_zero=True)
     _positive("optim.trust_coefficient", config.optim.trust_coefficient)
     _positive("batch_size", config.batch_size)
@@ -389,10 +389,12 @@ def validate(config: TrainConfig) -> None:
     _positive("schedule.warmup_start_lr", config.schedule.warmup_start_lr, allow_zero=True)
     _positive("schedule.end_lr", config.schedule.end_lr, allow_zero=True)
     _positive("schedule.reference_batch", config.schedule.reference_batch)
-    _positive("optim.eps", config.optim.eps, allow_zero=True)
     for i, beta in enumerate(config.optim.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if config.optim.eps is not None:
+        _positive("optim.eps", config.optim.eps, allow_zero=config.optim.name != "lamb")
+    _check_optimizer(config.optim)
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0, got 0.0")
     _check_schedule(config.schedule, config.epochs)
@@ -411,6 +413,31 @@ def validate(config: TrainConfig) -> None:
     _positive("dist_timeout_s", config.dist_timeout_s)
     if config.threads is not None:
         _positive("threads", config.threads)
+
+
+def _check_optimizer(o: OptimConfig) -> None:
+    """The optimizer's own keys, from OPTIMIZER_TABLE; fills in its defaults (lr, eps) and folds
+    the ``fused`` alias into ``implementation``."""
+    spec = OPTIMIZER_TABLE[o.name]
+    defaults = OptimConfig()
+    for f in dataclasses.fields(OptimConfig):
+        if f.name in COMMON_KEYS or f.name in spec.keys:
+            continue
+        if getattr(o, f.name) != getattr(defaults, f.name):
+            users = [n for n, other in OPTIMIZER_TABLE.items() if f.name in other.keys]
+            raise ConfigError(f"optim.{f.name} applies to {' and '.join(users)} only, not to optim.name={o.name}; "
+                              f"remove it")
+    if o.fused:
+        if o.implementation not in ("auto", "compiled"):
+            raise ConfigError(f"optim.fused=true means optim.implementation=compiled, but optim.implementation="
+                              f"{o.implementation} was also given; give one of them")
+        o.fused, o.implementation = False, "compiled"
+    _choice("optim.implementation", o.implementation, spec.implementations)
+    if o.lr is None:
+        o.lr = spec.default_lr
+    if o.eps is None:
+        o.eps = spec.default_eps
+    _positive("optim.lr", o.lr)
 
 
 def _check_schedule(s: ScheduleConfig, epochs: int) -> None:

@@ -41,7 +41,8 @@ from largebatch.distributed import DistEnv, all_reduce_sum, broadcast_object, co
 from largebatch.errors import Preempted, first_line
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
-from largebatch.optim import LAMB, LARS, param_groups
+from largebatch.optim import param_groups
+from largebatch.optimizer_table import OPTIMIZER_TABLE
 from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 from largebatch.train_step import DeviceLearningRate, DivergenceError, DivergenceGuard, grads_finite, step_seed
@@ -78,14 +79,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
         exclude_from_adaptation=None if o.exclude_bias_and_norm else False,
         exclude_from_decay=None if o.exclude_bias_and_norm else False,
     )
-    if o.name == "lars":
-        return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                    nesterov=o.nesterov, clip=o.clip, fused=o.fused, implementation=o.implementation)
-    if o.name == "lamb":
-        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6, implementation=o.implementation)
-    for g in groups:
-        g.pop("lars_adapt")
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    return OPTIMIZER_TABLE[o.name].build(groups, lr, o)
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
@@ -147,7 +141,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the module whose state is saved
         self.optimizer = build_optimizer(config, model, self.schedule(0))
-        self.learning_rate = DeviceLearningRate(self.optimizer, self.env.device, as_tensor=config.optim.name != "sgd")
+        tensor_lr = OPTIMIZER_TABLE[config.optim.name].tensor_lr
+        self.learning_rate = DeviceLearningRate(self.optimizer, self.env.device, as_tensor=tensor_lr)
         self.amp_dtype = autocast_dtype(config.precision, self.env.device)
         self.scaler = torch.amp.GradScaler(
             self.env.device.type, enabled=self.amp_dtype == torch.float16
