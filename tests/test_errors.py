@@ -8,7 +8,13 @@ import torch.distributed as dist
 from largebatch.checkpoint import CheckpointError
 from largebatch.config import ConfigError
 from largebatch.errors import (
-    EXIT_LOST_PEER, DivergenceError, Preempted, UserError, exit_status, first_line, is_lost_peer,
+    EXIT_LOST_PEER,
+    DivergenceError,
+    Preempted,
+    UserError,
+    exit_status,
+    first_line,
+    is_lost_peer,
 )
 from largebatch.metrics import RunRecordError
 from largebatch.rundir import RunDirError
