@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list every config key with its default and what it means, then exit")
     demo = sub.add_parser(
         "demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)",
-        description="Fashion-MNIST, a small ResNet, LARS at global batch 8192 with warm-up and poly(2) decay.",
+        description="Fashion-MNIST, a small CNN (fmnist_net), LARS at global batch 8192 with warm-up and poly(2) "
+        "decay, 40 epochs. --epochs N shortens it (the warm-up shrinks to fit).",
     )
-    demo.add_argument("--out", default="runs/demo", help="run directory (replaced on each demo run)")
-    demo.add_argument("--epochs", type=int, help="fewer or more epochs than the recipe's")
+    demo.add_argument("--out", default="runs/demo", help="run directory (a run already there is kept: see --overwrite)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    demo.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted demo run")
+    demo.add_argument("--epochs", type=int, help="fewer or more epochs than the recipe's 40")
     demo.add_argument("--data-dir", help="Fashion-MNIST directory")
     demo.add_argument("--no-progress", action="store_true", help="no progress line")
     for register in _extra_commands():
@@ -133,7 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from largebatch.trainer import train
 
     config = demo_config(out=args.out, epochs=args.epochs, data_dir=args.data_dir, progress=not args.no_progress)
-    result = train(config, overwrite=True)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
     out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
     out.message(f"final top-1 accuracy: {result.top1:.2f}%")

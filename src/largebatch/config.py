@@ -21,7 +21,8 @@ import yaml
 
 from largebatch.errors import UserError, first_line
 from largebatch.optimizer_table import COMMON_KEYS, OPTIMIZER_TABLE
-from largebatch.schedule import DECAYS, ORIGINS
+from largebatch.schedule import DECAYS, ORIGINS, backwards_reason, linear_scaling, sqrt_scaling
+from largebatch.yaml_numbers import load_yaml
 
 __all__ = [
     "DECAYS",
@@ -271,7 +272,7 @@ def split_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = load_yaml(raw) if raw else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -327,7 +328,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(tree, dict):
@@ -395,6 +396,7 @@ def validate(config: TrainConfig) -> None:
     if config.optim.eps is not None:
         _positive("optim.eps", config.optim.eps, allow_zero=config.optim.name != "lamb")
     _check_optimizer(config.optim)
+    _check_direction(config)
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0, got 0.0")
     _check_schedule(config.schedule, config.epochs)
@@ -438,6 +440,22 @@ def _check_optimizer(o: OptimConfig) -> None:
     if o.eps is None:
         o.eps = spec.default_eps
     _positive("optim.lr", o.lr)
+
+
+def _check_direction(config: TrainConfig) -> None:
+    """Refuse a schedule that runs backwards, measured against the peak after the scaling rule."""
+    s = config.schedule
+    peak = config.optim.lr
+    if s.scaling != "none":
+        scale = linear_scaling if s.scaling == "linear" else sqrt_scaling
+        peak = scale(peak, config.batch_size, s.reference_batch)
+    names = ("optim.lr" if s.scaling == "none" else f"optim.lr (after {s.scaling} scaling)",
+             "schedule.warmup_start_lr", "schedule.end_lr", "schedule.gamma")
+    reason = backwards_reason(peak, s.warmup_start_lr if s.warmup_epochs else 0.0,
+                              s.end_lr if s.decay in ("poly", "cosine") else 0.0,
+                              s.gamma if s.decay == "step" else 1.0, names)
+    if reason:
+        raise ConfigError(reason)
 
 
 def _check_schedule(s: ScheduleConfig, epochs: int) -> None:

@@ -98,6 +98,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
+DIVERGED_EVAL_FACTOR = 100  # an eval loss above this many times ln(classes) is a diverged run
 FEW_STEPS_PER_EPOCH = 4  # fewer steps than this per epoch: warm-up and decay have little room
 
 
@@ -129,6 +130,9 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {config.batch_size} exceeds the training set ({self.data.num_train} examples)"
             )
+        if self.data.num_eval == 0 and config.eval_every:
+            raise ConfigError(f"the {config.data.name} data has no evaluation examples (num_eval=0); "
+                              "set eval_every=0 to train without evaluation")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedule = build_schedule(config, self.steps_per_epoch)
 
@@ -460,10 +464,23 @@ class Trainer:
     def _evaluate_and_keep_best(self, writer: MetricsWriter | None, elapsed: float) -> dict[str, Any]:
         result = self.evaluate()
         self._report_eval(writer, self.step // self.steps_per_epoch, result, elapsed)
+        self._check_eval_loss(result["eval_loss"])
         if result["top1"] > self.best_top1:
             self.best_top1 = result["top1"]
             self.save("best.pt")
         return result
+
+    def _check_eval_loss(self, loss: float) -> None:
+        """Stop a run whose evaluation diverged, as a non-finite training loss does, before this
+        model is saved. Guessing uniformly costs ln(classes); a loss 100 times that (logits in the
+        hundreds, all wrong) or a non-finite one means the weights blew up."""
+        limit = DIVERGED_EVAL_FACTOR * math.log(max(self.data.num_classes, 2))
+        if not math.isfinite(loss) or loss > limit:
+            raise DivergenceError(
+                f"eval loss {loss:.4g} at step {self.step} (more than {DIVERGED_EVAL_FACTOR} x ln(classes) = "
+                f"{limit:.4g}): the run diverged at lr {self.schedule(self.step - 1):.4g}; stopped without saving "
+                f"this model; lower optim.lr (now {self.config.optim.lr:g})"
+            )
 
     def _report_eval(self, writer: MetricsWriter | None, epochs_done: int, result: dict[str, Any],
                      elapsed: float) -> None:

@@ -225,12 +225,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _update_yaml(path: str, name: str | None, section: str, values: dict, source: str) -> None:
     """Merge measured values into a hardware YAML; the new source line replaces the one it supersedes."""
-    import yaml
-
     from largebatch.plan.hardware import render_hardware
+    from largebatch.yaml_numbers import load_yaml
 
     file = Path(path)
-    data = yaml.safe_load(file.read_text()) if file.exists() else None
+    data = load_yaml(file.read_text()) if file.exists() else None
     data = data if isinstance(data, dict) else {}
     data.setdefault("name", name or file.stem)
     data.setdefault("description", "this machine, measured with largebatch bench")

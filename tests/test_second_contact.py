@@ -1,0 +1,119 @@
+"""Issue 22, "Second contact": lost work, silent wrong results and tracebacks a new user met."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from largebatch.cli import main
+from largebatch.config import ConfigError, load_config, parse_override
+from largebatch.schedule import WarmupDecay
+
+QUICK = ["--model", "mlp", "--set", "threads=1", "--no-progress"]
+
+
+def synthetic_args(tmp_path: Path, *extra: str, **options) -> list[str]:
+    data = {"shape": [1, 8, 8], "num_classes": 3, "num_train": 64, "num_eval": 16, "pool_size": 64, **options}
+    return ["--data", "synthetic", "--set", f"data.options={json.dumps(data)}", "--batch-size", "32",
+            "--epochs", "1", "--out", str(tmp_path / "run"), *QUICK, *extra]
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+# ---- loses work ---------------------------------------------------------------------------------
+
+def test_demo_refuses_a_directory_holding_another_run_and_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 3\n")
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    assert main(["demo", "--out", str(run), "--epochs", "1", "--no-progress"]) == 2
+    assert last_error(capsys) == (f"largebatch: error: run directory {run} already holds a run; pass --resume auto "
+                                  "to continue it or --overwrite to replace it")
+    assert (run / "config.yaml").read_text() == "epochs: 3\n"
+    assert (run / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+
+
+def test_no_evaluation_examples_is_refused_before_training(tmp_path, capsys):
+    assert main(["train", *synthetic_args(tmp_path, num_eval=0)]) == 2
+    assert last_error(capsys) == ("largebatch: error: the synthetic data has no evaluation examples (num_eval=0); "
+                                  "set eval_every=0 to train without evaluation")
+    assert not (tmp_path / "run").exists()
+    assert main(["train", *synthetic_args(tmp_path, num_eval=0), "--set", "eval_every=0"]) == 0
+
+
+def test_a_diverging_eval_loss_stops_the_run_like_a_diverging_training_loss(tmp_path, capsys):
+    # LAMB at LARS's rate of 10: the training loss stays finite while the eval loss reaches ~1e18
+    args = synthetic_args(tmp_path, "--optimizer", "lamb", "--lr", "10", "--epochs", "2",
+                          num_train=256, num_eval=64, pool_size=256)
+    code = main(["train", *args])
+    line = last_error(capsys)
+    assert code == 3, line
+    assert line.startswith("largebatch: error: eval loss ") and "diverged" in line and "lower optim.lr" in line
+    loss = float(line.split("eval loss ")[1].split()[0])
+    assert not math.isfinite(loss) or loss > 100 * math.log(3)  # 100 x a uniform guess's loss
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+# ---- silent wrong results -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("5e-4", 5e-4), ("1e-8", 1e-8), ("6.4e1", 64.0),
+                                             ("1E2", 100.0), ("-2e+1", -20.0)])
+def test_every_python_float_spelling_is_a_number_in_yaml_and_set(tmp_path, text, value):
+    assert parse_override(f"optim.weight_decay={text}")[1] == value
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"optim:\n  name: lamb\n  lr: {abs(value)}\n  weight_decay: {text.lstrip('-')}\n")
+    config = load_config(config_file)
+    assert config.optim.weight_decay == abs(value)
+    assert load_config(None, [parse_override(f"optim.lr={text.lstrip('-')}")]).optim.lr == abs(value)
+
+
+def test_strings_that_only_look_like_numbers_stay_strings():
+    assert parse_override("out=e5")[1] == "e5"
+    assert parse_override("out=1e")[1] == "1e"
+    assert parse_override("epochs=12")[1] == 12 and isinstance(parse_override("epochs=12")[1], int)
+
+
+@pytest.mark.parametrize(("pairs", "message"), [
+    ([("optim.lr", 1.0), ("schedule.end_lr", 2.0)], "schedule.end_lr 2 is above the peak optim.lr 1"),
+    ([("optim.lr", 1.0), ("schedule.warmup_epochs", 1.0), ("schedule.warmup_start_lr", 3.0)],
+     "schedule.warmup_start_lr 3 is above the peak optim.lr 1"),
+    ([("optim.lr", 0.1), ("schedule.scaling", "linear"), ("batch_size", 512), ("schedule.end_lr", 0.5)],
+     "schedule.end_lr 0.5 is above the peak optim.lr (after linear scaling) 0.2"),
+    ([("schedule.decay", "step"), ("schedule.gamma", 2.0), ("schedule.milestones", [1])],
+     "schedule.gamma 2 is above 1"),
+])
+def test_schedules_that_run_backwards_are_refused(pairs, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, pairs)
+    assert str(err.value).startswith(message)
+
+
+def test_a_schedule_within_its_peak_is_accepted():
+    config = load_config(None, [("optim.lr", 0.1), ("schedule.scaling", "linear"), ("batch_size", 512),
+                                ("schedule.end_lr", 0.15)])  # 0.15 < the scaled peak 0.2
+    assert config.schedule.end_lr == 0.15
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(end_lr=2.0), "end_lr 2 is above the peak base_lr 1"),
+    (dict(warmup_steps=5, warmup_start_lr=2.0), "warmup_start_lr 2 is above the peak base_lr 1"),
+    (dict(decay="step", milestones=(60, 30)), r"milestones must be increasing, got \[60, 30\]"),
+    (dict(decay="step", milestones=(30, 30)), "milestones must be increasing"),
+    (dict(decay="step", gamma=1.5), "gamma 1.5 is above 1"),
+])
+def test_warmup_decay_refuses_backwards_schedules_and_unsorted_milestones(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WarmupDecay(base_lr=1.0, total_steps=100, **kwargs)
+
+
+def test_warmup_decay_still_takes_an_unused_setting_above_the_peak():
+    # end_lr means nothing to a step decay, warmup_start_lr nothing without a warm-up
+    assert WarmupDecay(base_lr=1.0, total_steps=10, decay="step", end_lr=5.0)(0) == 1.0
+    assert WarmupDecay(base_lr=1.0, total_steps=10, warmup_start_lr=5.0)(0) == 1.0
