@@ -117,3 +117,89 @@ def test_warmup_decay_still_takes_an_unused_setting_above_the_peak():
     # end_lr means nothing to a step decay, warmup_start_lr nothing without a warm-up
     assert WarmupDecay(base_lr=1.0, total_steps=10, decay="step", end_lr=5.0)(0) == 1.0
     assert WarmupDecay(base_lr=1.0, total_steps=10, warmup_start_lr=5.0)(0) == 1.0
+
+
+# ---- option ranges --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("pairs", "message"), [
+    ([("out", "")], "out must name a run directory, got ''"),
+    ([("out", "  ")], "out must name a run directory, got ''"),
+    ([("threads", 1000)], "threads 1000 exceeds the "),
+    ([("seed", 99999999999999999999)], "seed must be in [0, 2**32), got 99999999999999999999"),
+    ([("seed", -1)], "seed must be in [0, 2**32), got -1"),
+    ([("data.name", "synthetic"), ("data.root", "/data")], "data.root (/data) is not read by synthetic data"),
+])
+def test_option_ranges_are_refused_in_one_line(pairs, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, pairs)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_home_is_expanded_in_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, [("out", "~/runs/a"), ("data.root", "~/data")])
+    assert (config.out, config.data.root) == (str(tmp_path / "runs/a"), str(tmp_path / "data"))
+
+
+def test_one_class_is_refused_before_training(tmp_path, capsys):
+    assert main(["train", *synthetic_args(tmp_path, num_classes=1)]) == 2
+    assert last_error(capsys) == "largebatch: error: the synthetic data has 1 class(es); a classifier needs at least 2"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "compute", "mlp", "--threads", "0"], "argument --threads: must be > 0, got 0"),
+    (["bench", "compute", "mlp", "--steps", "0"], "argument --steps: must be > 0, got 0"),
+    (["bench", "comm", "--reps", "0"], "argument --reps: must be > 0, got 0"),
+    (["bench", "comm", "--processes", "-2"], "argument --processes: must be > 0, got -2"),
+    (["sweep", "--spec", "x.yaml", "--out", "o", "--dry-run", "--img-per-s", "-5"],
+     "argument --img-per-s: must be > 0, got -5"),
+    (["sweep", "--spec", "x.yaml", "--out", "o", "--dry-run", "--img-per-s", "nan"],
+     "argument --img-per-s: must be > 0, got nan"),
+])
+def test_command_counts_and_rates_must_be_positive(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert last_error(capsys).endswith(message)
+
+
+# ---- tracebacks where a line belongs -----------------------------------------------------------
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.mark.parametrize("argv", [["plan", "--list-hardware"],
+                                  ["sweep", "--spec", "configs/sweep_fmnist.yaml", "--out", "unused", "--dry-run"]])
+def test_a_closed_standard_output_ends_quietly(argv):
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head -1`) has gone before the first line
+    proc = subprocess.run([sys.executable, "-m", "largebatch", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                          env=dict(os.environ, PYTHONPATH=SRC), timeout=120, text=True, cwd=Path(SRC).parent)
+    os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
+
+
+def test_python_m_largebatch_runs_the_command_line():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "largebatch", "--version"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=SRC), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("largebatch ")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_prefetch_factor_below_one_is_refused_naming_it(tmp_path, value):
+    from largebatch.data.base import DataError
+    from largebatch.data.imagefolder import imagefolder
+
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=rf"^prefetch_factor must be a positive integer .*got {value}$"):
+        imagefolder(tmp_path, prefetch_factor=value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ from largebatch import __version__
 from largebatch.console import write_line
 from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line
 
-__all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main"]
+__all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main", "positive"]
 
 # plain flags for the common keys: flag -> (dotted key, type, help)
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -36,6 +37,23 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "auto (cuda when available), cpu or cuda"),
     "--workers": ("data.options.workers", int, "imagefolder: image-reading worker processes"),
 }
+
+
+def positive(kind: type = int, allow_zero: bool = False):
+    """An argparse type: a number of ``kind`` that is > 0 (or >= 0); argparse names the flag."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers.get(args.command) or args.run
     try:
         return handler(args)
+    except BrokenPipeError:  # `plan --list-hardware | head`: the reader has all it wanted
+        if args.command in handlers:
+            raise
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -168,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             from largebatch.distributed import shutdown
 
             shutdown()
+
+
+def _silence_stdout() -> None:
+    """Point a closed standard output at /dev/null, so that the flush at exit raises nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _error(err: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CUDA_GRAPHS = ("auto", "on", "off")
 SCALING_RULES = ("none", "linear", "sqrt")
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
+SEED_LIMIT = 2**32  # numpy's and the data order's generators take seeds below this
 
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
@@ -415,6 +417,19 @@ def validate(config: TrainConfig) -> None:
     _positive("dist_timeout_s", config.dist_timeout_s)
     if config.threads is not None:
         _positive("threads", config.threads)
+        cores = os.cpu_count() or 1
+        if config.threads > cores:
+            raise ConfigError(f"threads {config.threads} exceeds the {cores} CPU cores of this machine")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
+    if not config.out.strip():
+        raise ConfigError("out must name a run directory, got ''")
+    if config.data.name == "synthetic" and config.data.root is not None:
+        raise ConfigError(f"data.root ({config.data.root}) is not read by synthetic data; "
+                          "remove --data-dir or choose --data fashion_mnist or imagefolder")
+    config.out = os.path.expanduser(config.out)
+    if config.data.root is not None:
+        config.data.root = os.path.expanduser(config.data.root)
 
 
 def _check_optimizer(o: OptimConfig) -> None:

@@ -130,6 +130,9 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {config.batch_size} exceeds the training set ({self.data.num_train} examples)"
             )
+        if self.data.num_classes < 2:
+            raise ConfigError(f"the {config.data.name} data has {self.data.num_classes} class(es); "
+                              "a classifier needs at least 2")
         if self.data.num_eval == 0 and config.eval_every:
             raise ConfigError(f"the {config.data.name} data has no evaluation examples (num_eval=0); "
                               "set eval_every=0 to train without evaluation")

@@ -463,6 +463,9 @@ def imagefolder(
         workers = min(8, os.cpu_count() or 1)
     if not isinstance(workers, int) or workers < 0:
         raise DataError(f"workers must be a non-negative integer, got {workers!r}")
+    if not isinstance(prefetch_factor, int) or isinstance(prefetch_factor, bool) or prefetch_factor < 1:
+        raise DataError(f"prefetch_factor must be a positive integer (batches read ahead per worker), "
+                        f"got {prefetch_factor!r}")
     scale = _crop_scale(crop_scale)
     mode = resolve_decode(decode, torch.device(device))
     return ImageFolderSource(

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from largebatch.cli import positive
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
@@ -193,12 +194,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     sub.required = True
     c = sub.add_parser("comm", help="time all-reduce over sizes among local processes and fit alpha, beta, gamma")
-    c.add_argument("--processes", type=int, default=2, help="local processes (default 2)")
+    c.add_argument("--processes", type=positive(int), default=2, help="local processes (default 2)")
     c.add_argument("--min-size", default="1K", help="smallest message (default 1K)")
     c.add_argument("--max-size", default="256M", help="largest message (default 256M); sizes go up by 4x")
     c.add_argument("--fit-min-size", default=None,
                    help="fit only sizes >= this (default: all); for the regime a workload uses, e.g. 4M buckets")
-    c.add_argument("--reps", type=int, help="repetitions per size (default: 3 to 40, about 64 MB of traffic)")
+    c.add_argument("--reps", type=positive(int), help="repetitions per size (default: 3 to 40, about 64 MB of traffic)")
     c.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     c.add_argument("--algorithm", default="ring", choices=list(ALGORITHMS),
                    help="closed form to fit (default ring: gloo's CPU all-reduce; NCCL uses ring or tree)")
@@ -210,13 +211,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("model", help="a largebatch.models name, else a torchvision model name")
     m.add_argument("--batch", default="32",
                    help="per-process batch, or a list (32,64,256) to fit step time = fixed + batch x per image")
-    m.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    m.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice; cores/N with N)")
-    m.add_argument("--processes", type=int, default=1,
+    m.add_argument("--steps", type=positive(int), default=10, help="timed steps (default 10)")
+    m.add_argument("--warmup", type=positive(int, allow_zero=True), default=2, help="untimed steps first (default 2)")
+    m.add_argument("--threads", type=positive(int),
+                   help="torch threads per process (default: torch's choice; cores/N with N)")
+    m.add_argument("--processes", type=positive(int), default=1,
                    help="run N copies at once and report the slowest: the per-process rate of an N-process job")
-    m.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    m.add_argument("--num-classes", type=int, default=1000)
+    m.add_argument("--image-size", type=positive(int), help="input side (default: the model's)")
+    m.add_argument("--num-classes", type=positive(int), default=1000)
     m.add_argument("--yaml", help="write or update this hardware YAML with compute.images_per_s[MODEL]")
     m.add_argument("--name", help="hardware name when --yaml creates a new file")
     m.set_defaults(run=run_bench)
