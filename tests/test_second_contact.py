@@ -202,4 +202,4 @@ def test_prefetch_factor_below_one_is_refused_naming_it(tmp_path, value):
 
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match=rf"^prefetch_factor must be a positive integer .*got {value}$"):
-        imagefolder(tmp_path, prefetch_factor=value)
+        imagefolder(tmp_path, "cpu", 0, prefetch_factor=value)
