@@ -203,3 +203,25 @@ def test_prefetch_factor_below_one_is_refused_naming_it(tmp_path, value):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match=rf"^prefetch_factor must be a positive integer .*got {value}$"):
         imagefolder(tmp_path, "cpu", 0, prefetch_factor=value)
+
+
+# ---- the planner --------------------------------------------------------------------------------
+
+def test_planner_counts_iterations_as_the_trainer_runs_them():
+    from largebatch.plan.predict import iterations
+
+    # the demo: 60,000 images, batch 8192, 40 epochs -> 7 full batches per epoch, 280 steps
+    assert iterations(40, 60_000, 8192) == 40 * (60_000 // 8192) == 280
+    assert iterations(40, 60_000, 8192, drop_last=False) == 293  # ceil(40 x 60000 / 8192), the paper's way
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--processes", "3:9"], "--global-batch 32768 does not divide among 3, 9 processes"),
+    (["--processes", "3"], "--global-batch 32768 does not divide among 3 processes"),
+    (["--global-batch", "2000000", "--processes", "1:4"],
+     "--global-batch 2000000 is larger than the data set (1281167 images, --dataset-size)"),
+])
+def test_planner_refuses_impossible_plans(capsys, argv, message):
+    code = main(["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--profile-source", "paper", *argv])
+    assert code == 2
+    assert last_error(capsys).startswith(f"largebatch: error: {message}")

@@ -140,6 +140,13 @@ def run_plan(args) -> int:
     if procs[-1] > args.global_batch:
         raise PlanError(f"--global-batch {args.global_batch} is smaller than {procs[-1]} processes: some would get "
                         f"no image; give --processes up to {args.global_batch}")
+    uneven = [p for p in procs if args.global_batch % p]
+    if uneven:
+        raise PlanError(f"--global-batch {args.global_batch} does not divide among {', '.join(map(str, uneven))} "
+                        f"processes (a process cannot take part of an image); give process counts that divide it")
+    if args.global_batch > args.dataset_size:
+        raise PlanError(f"--global-batch {args.global_batch} is larger than the data set ({args.dataset_size} images, "
+                        "--dataset-size): an epoch would hold no full batch")
     algorithm = args.algorithm or hw.algorithm or "best"
     grad_bytes = GRAD_BYTES[args.grad_dtype]
     preds = predict(prof, hw, procs, args.global_batch, args.epochs, args.dataset_size, algorithm=algorithm,
@@ -164,7 +171,8 @@ def run_plan(args) -> int:
         _network_line(hw),
         f"- compute: {compute_from}; all-reduce: {algorithm}, {buckets}",
         f"- global batch {args.global_batch}, {args.epochs:g} epochs of {args.dataset_size} images "
-        f"= {preds[0].iterations} iterations",
+        f"= {preds[0].iterations} iterations ({args.dataset_size // args.global_batch} full batches per epoch, "
+        "the last partial batch dropped as the trainer does)",
         "",
         table(preds),
     ]
