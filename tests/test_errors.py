@@ -59,3 +59,29 @@ def test_first_line_is_the_first_non_empty_line_or_the_type(err, line):
 
 def test_first_line_clips_to_a_limit():
     assert first_line(ValueError("abcdef"), 3) == "abc"
+
+
+def test_out_of_memory_is_a_user_error_that_suggests_a_micro_batch():
+    from largebatch.errors import one_line
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+    for err in (cpu, MemoryError(), torch_oom()):
+        assert exit_status(err) == 2
+        line = one_line(err)
+        assert line.startswith("out of memory (") and "--micro-batch" in line and "\n" not in line
+
+
+def torch_oom() -> BaseException:
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_a_lost_peer_line_says_how_to_continue():
+    from largebatch.errors import one_line
+
+    line = one_line(RuntimeError("[gloo] Connection closed by peer\nmore"))
+    assert line == ("lost contact with another process ([gloo] Connection closed by peer); restart with --resume "
+                    "auto to continue from the last checkpoint")
+    assert one_line(ConfigError("a user error naming gloo")) == "a user error naming gloo"

@@ -225,3 +225,48 @@ def test_planner_refuses_impossible_plans(capsys, argv, message):
     code = main(["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--profile-source", "paper", *argv])
     assert code == 2
     assert last_error(capsys).startswith(f"largebatch: error: {message}")
+
+
+# ---- more tracebacks ----------------------------------------------------------------------------
+
+def test_triton_path_where_it_cannot_run_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["train", *synthetic_args(tmp_path, "--set", "optim.implementation=triton", "--device", "cpu")])
+    line = last_error(capsys)
+    assert code == 2, line
+    assert line.startswith("largebatch: error: optim.implementation=triton cannot run here (")
+    assert line.endswith("set optim.implementation=auto")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_does_not_fit_in_memory_suggests_micro_batch(tmp_path, capsys, monkeypatch):
+    import largebatch.trainer as trainer
+
+    def no_memory(self, micro_batches):
+        # what the CPU allocator raises when the activations of the whole batch do not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", no_memory)
+    assert main(["train", *synthetic_args(tmp_path)]) == 2
+    line = last_error(capsys)
+    assert line.startswith("largebatch: error: out of memory (") and "pass a smaller --micro-batch" in line
+
+
+def test_bench_comm_sizes_in_the_wrong_order_are_one_line(capsys):
+    assert main(["bench", "comm", "--min-size", "1G", "--max-size", "1K"]) == 2
+    assert last_error(capsys) == "largebatch: error: --min-size 1G is larger than --max-size 1K"
+
+
+@pytest.mark.parametrize("kind", ["dir", "bad", "list", "no-parent"])
+def test_bench_yaml_is_checked_before_measuring(tmp_path, capsys, kind):
+    target = {"dir": tmp_path, "bad": tmp_path / "bad.yaml", "list": tmp_path / "list.yaml",
+              "no-parent": tmp_path / "missing" / "hw.yaml"}[kind]
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["bench", "compute", "mlp", "--batch", "4", "--steps", "1", "--yaml", str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing was measured
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"largebatch: error: --yaml {target}")
+    assert (tmp_path / "bad.yaml").read_text() == "name: [unclosed\n"

@@ -16,7 +16,7 @@ from typing import Any
 
 from largebatch import __version__
 from largebatch.console import write_line
-from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line
+from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line
 
 __all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main", "positive"]
 
@@ -180,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
-        if status == EXIT_LOST_PEER:
-            _error(f"lost contact with another process ({first_line(err, 200)}); "
-                   "restart with --resume auto to continue from the last checkpoint")
-        else:
-            _error(err)
+        _error(one_line(err))
         return status
     finally:
         if args.command in handlers:

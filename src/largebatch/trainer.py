@@ -42,6 +42,7 @@ from largebatch.errors import Preempted, first_line
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import param_groups
+from largebatch.optim._triton import TritonUnavailable
 from largebatch.optimizer_table import OPTIMIZER_TABLE
 from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
@@ -79,7 +80,11 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
         exclude_from_adaptation=None if o.exclude_bias_and_norm else False,
         exclude_from_decay=None if o.exclude_bias_and_norm else False,
     )
-    return OPTIMIZER_TABLE[o.name].build(groups, lr, o)
+    try:
+        return OPTIMIZER_TABLE[o.name].build(groups, lr, o)
+    except TritonUnavailable as err:  # an explicit triton path where it cannot run: the user's choice
+        raise ConfigError(f"optim.implementation=triton cannot run here ({first_line(err)}); "
+                          "set optim.implementation=auto") from None
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:

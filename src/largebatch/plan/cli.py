@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from largebatch.cli import positive
+from largebatch.errors import first_line
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
@@ -233,12 +234,35 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_yaml_target(path: str) -> None:
+    """A --yaml that bench can update: a new file in a directory that exists, or a hardware YAML."""
+    import yaml
+
+    from largebatch.yaml_numbers import load_yaml
+
+    file = Path(os.path.expanduser(path))
+    if file.is_dir():
+        raise PlanError(f"--yaml {path} is a directory; give a file such as {file / 'this-machine.yaml'}")
+    if not file.exists():
+        if not file.parent.is_dir():
+            raise PlanError(f"--yaml {path}: directory {file.parent} does not exist")
+        return
+    try:
+        data = load_yaml(file.read_text())
+    except OSError as err:
+        raise PlanError(f"--yaml {path} cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise PlanError(f"--yaml {path} is not valid YAML: {first_line(err)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise PlanError(f"--yaml {path} must hold a hardware mapping, got {type(data).__name__}")
+
+
 def _update_yaml(path: str, name: str | None, section: str, values: dict, source: str) -> None:
     """Merge measured values into a hardware YAML; the new source line replaces the one it supersedes."""
     from largebatch.plan.hardware import render_hardware
     from largebatch.yaml_numbers import load_yaml
 
-    file = Path(path)
+    file = Path(os.path.expanduser(path))
     data = load_yaml(file.read_text()) if file.exists() else None
     data = data if isinstance(data, dict) else {}
     data.setdefault("name", name or file.stem)
@@ -267,8 +291,13 @@ def run_bench(args) -> int:
     # other work on the machine slows every measurement: the load average goes into the source line
     load = os.getloadavg()[0]
     today = f"{datetime.date.today().isoformat()}, 1-min load average {load:.2f} on {os.cpu_count()} cores"
+    if args.yaml:
+        _check_yaml_target(args.yaml)  # before minutes of measuring, not after
     if args.bench_command == "comm":
-        sizes = bench.default_sizes(bench.parse_size(args.min_size), bench.parse_size(args.max_size))
+        smallest, largest = bench.parse_size(args.min_size), bench.parse_size(args.max_size)
+        if smallest > largest:
+            raise PlanError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+        sizes = bench.default_sizes(smallest, largest)
         lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
         if sum(n >= lo for n in sizes) < 2:
             raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
