@@ -270,3 +270,42 @@ def test_bench_yaml_is_checked_before_measuring(tmp_path, capsys, kind):
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"largebatch: error: --yaml {target}")
     assert (tmp_path / "bad.yaml").read_text() == "name: [unclosed\n"
+
+
+# ---- messages and small things --------------------------------------------------------------------
+
+def test_header_names_the_autocast_as_precision_does(tmp_path, capsys):
+    assert main(["train", *synthetic_args(tmp_path, "--precision", "bf16")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "autocast bf16," in header and "torch." not in header
+
+
+def test_planner_without_a_compute_rate_says_how_to_get_one(capsys):
+    code = main(["plan", "--model", "resnet50", "--hardware", "stampede2-knl", "--profile-source", "paper",
+                 "--processes", "4"])
+    assert code == 0  # this shipped file has FLOP/s; a file without either is checked below
+    from dataclasses import replace
+
+    from largebatch.plan.errors import PlanError
+    from largebatch.plan.hardware import load_hardware
+    from largebatch.plan.model import resolve_profile
+    from largebatch.plan.predict import predict_iteration
+
+    hw = replace(load_hardware("stampede2-knl"), flops=None, images_per_s={})
+    with pytest.raises(PlanError, match=r"give --images-per-s, or measure it: largebatch bench compute resnet50"):
+        predict_iteration(resolve_profile("resnet50", "paper"), hw, 4, 256)
+
+
+def test_planner_names_the_flag_of_a_negative_parameter_count(capsys):
+    code = main(["plan", "--model", "x", "--hardware", "stampede2-knl", "--params", "-5", "--processes", "4"])
+    assert code == 2
+    assert last_error(capsys) == "largebatch: error: --params must be > 0, got -5"
+
+
+def test_sweep_description_says_one_epoch():
+    from largebatch.study.grid import load_spec, parse_spec_override
+    from largebatch.study.report import describe
+
+    overrides = [parse_spec_override("epochs=1"), parse_spec_override("schedule.warmup_epochs=0.5")]
+    spec = load_spec("configs/sweep_fmnist.yaml", overrides)
+    assert describe(spec).endswith(", 1 epoch")

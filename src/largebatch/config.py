@@ -515,9 +515,16 @@ def derive_accumulation(batch_size: int, micro_batch: int, world_size: int) -> i
     if batch_size % per_step != 0:
         raise ConfigError(
             f"batch_size {batch_size} is not divisible by world size {world_size} x micro_batch {micro_batch} "
-            f"(= {per_step}); choose a batch_size that is a multiple of {per_step}"
+            f"(= {per_step}); {_dividing(batch_size, per_step)}"
         )
     return batch_size // per_step
+
+
+def _dividing(batch_size: int, unit: int) -> str:
+    """The nearest batch sizes that would divide, for the error message."""
+    below, above = batch_size // unit * unit, (batch_size // unit + 1) * unit
+    near = f"{below} or {above}" if below else str(above)
+    return f"choose a batch_size that is a multiple of {unit} (e.g. {near})"
 
 
 def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -529,6 +536,7 @@ def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
     """
     if config.micro_batch is None:
         if config.batch_size % world_size:
-            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}")
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}; "
+                          f"{_dividing(config.batch_size, world_size)}")
         return config.batch_size // world_size, 1
     return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)

@@ -103,6 +103,7 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the names precision= takes
 DIVERGED_EVAL_FACTOR = 100  # an eval loss above this many times ln(classes) is a diverged run
 FEW_STEPS_PER_EPOCH = 4  # fewer steps than this per epoch: warm-up and decay have little room
 
@@ -442,7 +443,8 @@ class Trainer:
             f"{cfg.model.name} on {cfg.data.name} (input {shape}): global batch {cfg.batch_size} = "
             f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
-            f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}{graphs}"
+            f"peak lr {self.schedule.base_lr:.4g}, autocast {AMP_NAMES.get(self.amp_dtype, 'off')}, "
+            f"device {env.device}{graphs}"
         )
         if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
             self.progress.message(

@@ -170,7 +170,8 @@ def predict_iteration(
         if hw.flops is None:
             known = ", ".join(sorted(hw.images_per_s)) or "none"
             raise PlanError(
-                f"hardware {hw.name!r} has no FLOP/s and no images/s for {profile.name!r} (measured: {known})"
+                f"hardware {hw.name!r} has no FLOP/s and no images/s for {profile.name!r} (measured: {known}); "
+                f"give --images-per-s, or measure it: largebatch bench compute {profile.name} --yaml FILE"
             )
         step = b * (1 + backward_ratio) * profile.flops / hw.flops
         update = profile.params * UPDATE_BYTES / hw.memory_bandwidth if hw.memory_bandwidth else 0.0
