@@ -309,3 +309,22 @@ def test_sweep_description_says_one_epoch():
     overrides = [parse_spec_override("epochs=1"), parse_spec_override("schedule.warmup_epochs=0.5")]
     spec = load_spec("configs/sweep_fmnist.yaml", overrides)
     assert describe(spec).endswith(", 1 epoch")
+
+
+def test_package_metadata_builds_without_a_license_deprecation(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(SRC).parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    (tmp_path / "src" / "largebatch").mkdir(parents=True)
+    (tmp_path / "src" / "largebatch" / "__init__.py").write_text("")
+    code = ("import tempfile; from setuptools import build_meta; "
+            "print(build_meta.prepare_metadata_for_build_wheel(tempfile.mkdtemp()))")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "largebatch-" in proc.stdout
+    assert "deprecat" not in (proc.stdout + proc.stderr).lower()
