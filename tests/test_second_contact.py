@@ -328,3 +328,16 @@ def test_package_metadata_builds_without_a_license_deprecation(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "largebatch-" in proc.stdout
     assert "deprecat" not in (proc.stdout + proc.stderr).lower()
+
+
+def test_a_divergence_before_any_checkpoint_says_so_and_counts_steps_as_metrics_do(tmp_path, capsys):
+    args = synthetic_args(tmp_path, "--optimizer", "sgd", "--lr", "1e6", "--set", "optim.momentum=0",
+                          "--set", "log_every=1", num_train=256, pool_size=256)
+    assert main(["train", *args]) == 3
+    line = last_error(capsys)
+    assert line.startswith("largebatch: error: non-finite loss or gradient at step ")
+    assert line.endswith("stopped, no checkpoint had been written yet")
+    step = int(line.split("at step ")[1].split()[0])
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    finite = [r["step"] for r in rows if r["kind"] == "train" and math.isfinite(r["loss"])]
+    assert step >= 1 and all(s < step for s in finite)  # every logged step before it had a finite loss
