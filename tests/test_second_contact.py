@@ -341,3 +341,17 @@ def test_a_divergence_before_any_checkpoint_says_so_and_counts_steps_as_metrics_
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     finite = [r["step"] for r in rows if r["kind"] == "train" and math.isfinite(r["loss"])]
     assert step >= 1 and all(s < step for s in finite)  # every logged step before it had a finite loss
+
+
+def test_an_empty_val_folder_is_one_line(tmp_path):
+    from PIL import Image
+
+    from largebatch.data.base import DataError
+    from largebatch.data.imagefolder import imagefolder
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / cls / "0.jpg")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match=rf"^imagefolder: no class folders in {tmp_path / 'val'}$"):
+        imagefolder(tmp_path, "cpu", 0, workers=0)

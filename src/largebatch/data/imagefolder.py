@@ -387,6 +387,8 @@ def _listing(split_dir: str, class_to_idx: dict[str, int], every_class: bool = F
     if unknown:
         raise DataError(f"imagefolder: class folder {os.path.join(split_dir, unknown[0])} has no match in train/")
     present = {c: i for c, i in class_to_idx.items() if c in found}
+    if not present:  # torchvision's make_dataset raises a bare ValueError for this
+        raise DataError(f"imagefolder: no class folders in {split_dir}")
     samples = make_dataset(split_dir, present, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DataError(f"imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
