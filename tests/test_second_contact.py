@@ -355,3 +355,29 @@ def test_an_empty_val_folder_is_one_line(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(DataError, match=rf"^imagefolder: no class folders in {tmp_path / 'val'}$"):
         imagefolder(tmp_path, "cpu", 0, workers=0)
+
+
+def test_imagefolder_checkpoints_carry_the_class_names_for_inference(tmp_path, capsys):
+    import torch
+    from PIL import Image
+
+    from largebatch.checkpoint import load_checkpoint
+    from largebatch.models import build_model
+
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        for i, cls in enumerate(("cat", "dog")):
+            (images / split / cls).mkdir(parents=True)
+            for j in range(4):
+                Image.new("RGB", (20, 20), (200 * i, 40 * j, 90)).save(images / split / cls / f"{j}.jpg")
+    out = tmp_path / "run"
+    args = ["--data", "imagefolder", "--data-dir", str(images), "--set", "data.options.image_size=16",
+            "--set", "data.options.workers=0", "--batch-size", "4", "--epochs", "1", "--out", str(out), *QUICK]
+    assert main(["train", *args]) == 0, capsys.readouterr().err
+    payload = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert payload["classes"] == ["cat", "dog"]
+    # inference as docs/models_and_data.md describes it: the config rebuilds the model, the weights load
+    model = build_model(payload["config"]["model"]["name"], num_classes=len(payload["classes"]), in_channels=3, image_size=16,
+                        **payload["config"]["model"]["options"])
+    model.load_state_dict(payload["model"])
+    assert model(torch.zeros(1, 3 * 16 * 16).view(1, 3, 16, 16)).shape == (1, 2)

@@ -220,6 +220,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "micro_batch": self.micro_batch,
             "config": to_dict(self.config),
+            "classes": list(getattr(self.data, "classes", None) or []),  # index -> name, for inference
         }
 
     def _load(self, path: Path) -> None:
