@@ -377,7 +377,35 @@ def test_imagefolder_checkpoints_carry_the_class_names_for_inference(tmp_path, c
     payload = load_checkpoint(out / "checkpoints" / "best.pt")
     assert payload["classes"] == ["cat", "dog"]
     # inference as docs/models_and_data.md describes it: the config rebuilds the model, the weights load
-    model = build_model(payload["config"]["model"]["name"], num_classes=len(payload["classes"]), in_channels=3, image_size=16,
-                        **payload["config"]["model"]["options"])
+    cfg = payload["config"]
+    model = build_model(cfg["model"]["name"], num_classes=len(payload["classes"]), in_channels=3, image_size=16,
+                        **cfg["model"]["options"])
     model.load_state_dict(payload["model"])
     assert model(torch.zeros(1, 3 * 16 * 16).view(1, 3, 16, 16)).shape == (1, 2)
+
+
+def test_progress_rate_is_smoothed_and_follows_a_steady_change():
+    import io
+
+    from largebatch.metrics import Progress
+
+    stream = io.StringIO()
+    progress = Progress(1000, enabled=True, stream=stream, lines=1000)
+    rates = [907.0, 20000.0] * 20  # what one log interval at a time reported
+    for step, rate in enumerate(rates, start=1):
+        progress.update(step, 0, 0.1, 1.0, rate)
+    shown = [float(line.split(" img/s")[0].split()[-1].replace(",", "")) for line in stream.getvalue().splitlines()]
+    assert len(shown) == len(rates)
+    later = shown[10:]  # after the average has filled
+    assert max(later) - min(later) < 0.3 * (20000 - 907)  # raw values swing by the whole range
+    mean = sum(rates) / len(rates)
+    assert all(abs(v - mean) < 0.2 * mean for v in shown[20:])
+    for step in range(41, 101):  # a steady new rate is reached
+        progress.update(step, 0, 0.1, 1.0, 5000.0)
+    assert abs(float(stream.getvalue().splitlines()[-1].split(" img/s")[0].split()[-1].replace(",", "")) - 5000) < 50
+
+
+def test_no_accuracy_plot_without_evaluation(tmp_path):
+    assert main(["train", *synthetic_args(tmp_path, "--set", "eval_every=0")]) == 0
+    plots = sorted(p.name for p in (tmp_path / "run" / "plots").iterdir())
+    assert plots == ["loss.png", "lr.png"]
