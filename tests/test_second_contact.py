@@ -409,3 +409,17 @@ def test_no_accuracy_plot_without_evaluation(tmp_path):
     assert main(["train", *synthetic_args(tmp_path, "--set", "eval_every=0")]) == 0
     plots = sorted(p.name for p in (tmp_path / "run" / "plots").iterdir())
     assert plots == ["loss.png", "lr.png"]
+
+
+def test_options_mapping_replaces_and_dotted_keys_merge_as_keys_says(tmp_path, capsys):
+    from largebatch.config import describe_keys
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data:\n  options: {workers: 2, image_size: 64}\n")
+    whole = load_config(config_file, [parse_override("data.options={workers: 4}")])
+    assert whole.data.options == {"workers": 4}
+    dotted = load_config(config_file, [parse_override("data.options.workers=4")])
+    assert dotted.data.options == {"workers": 4, "image_size": 64}
+    about = dict((k, a) for k, _, a in describe_keys())
+    for key in ("data.options", "model.options"):
+        assert "replaces the whole mapping" in about[key] and "keeps the others" in about[key]

@@ -78,6 +78,11 @@ class ConfigError(UserError, ValueError):
     """A configuration the user can fix; the message is one line."""
 
 
+# how an options mapping combines with the config file's (load_config implements it)
+OPTIONS_RULE = ("--set KEY={...} replaces the whole mapping; --set KEY.NAME=V changes one entry and keeps the "
+                "others (applied after any whole mapping)")
+
+
 def described(default: Any, about: str) -> Any:
     """A config field with its one-line description (shown by ``largebatch train --keys``)."""
     return field(default=default, metadata={"about": about})
@@ -87,7 +92,8 @@ def described(default: Any, about: str) -> Any:
 class ModelConfig:
     name: str = described("resnet_small", "registry name (docs/models_and_data.md)")
     options: dict = field(default_factory=dict, metadata={
-        "about": "constructor options, e.g. {width: 16}; in_channels and image_size default to the data's"})
+        "about": "constructor options, e.g. {width: 16}; in_channels and image_size default to the data's. "
+                 + OPTIONS_RULE})
     channels_last: bool = described(True, "channels_last memory format for 4-d inputs")
     compile: bool = described(False, "run the model through torch.compile")
 
@@ -99,7 +105,7 @@ class DataConfig:
     augment: bool = described(True, "training augmentation (random crop and flip)")
     eval_batch: int = described(2000, "evaluation batch per process")
     options: dict = field(default_factory=dict, metadata={
-        "about": "dataset options, e.g. imagefolder's {workers: 8, image_size: 227}"})
+        "about": "dataset options, e.g. imagefolder's {workers: 8, image_size: 227}. " + OPTIONS_RULE})
 
 
 @dataclass
