@@ -423,3 +423,18 @@ def test_options_mapping_replaces_and_dotted_keys_merge_as_keys_says(tmp_path, c
     about = dict((k, a) for k, _, a in describe_keys())
     for key in ("data.options", "model.options"):
         assert "replaces the whole mapping" in about[key] and "keeps the others" in about[key]
+
+
+def test_bench_yaml_update_keeps_the_files_comments(tmp_path, capsys):
+    from largebatch.yaml_numbers import load_yaml
+
+    target = tmp_path / "hw.yaml"
+    target.write_text("# measured on box A, load 0.1\n# second line of provenance\nname: box\n"
+                      "compute:\n  images_per_s:\n    # from an earlier run\n    alexnet: 22.03\n")
+    assert main(["bench", "compute", "mlp", "--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                 "--yaml", str(target)]) == 0
+    text = target.read_text()
+    assert text.startswith("# measured on box A, load 0.1\n# second line of provenance\n")
+    assert "# from an earlier run" in text
+    data = load_yaml(text)
+    assert data["compute"]["images_per_s"]["alexnet"] == 22.03 and data["compute"]["images_per_s"]["mlp"] > 0

@@ -257,6 +257,11 @@ def _check_yaml_target(path: str) -> None:
         raise PlanError(f"--yaml {path} must hold a hardware mapping, got {type(data).__name__}")
 
 
+def _comment_lines(text: str) -> list[str]:
+    """The whole-line comments of a YAML file, in order (a rewrite keeps them as its header)."""
+    return [line.rstrip() for line in text.splitlines() if line.lstrip().startswith("#")]
+
+
 def _update_yaml(path: str, name: str | None, section: str, values: dict, source: str) -> None:
     """Merge measured values into a hardware YAML; the new source line replaces the one it supersedes."""
     from largebatch.plan.hardware import render_hardware
@@ -279,6 +284,9 @@ def _update_yaml(path: str, name: str | None, section: str, values: dict, source
     data["sources"] = sources
     data = {k: data[k] for k in ("name", "description", "compute", "network", "node", "sources") if k in data}
     header = "Measured on this machine by `largebatch bench`; see `sources` for the command and date of each figure."
+    if file.exists():  # the file's own comments (provenance, the conditions of each figure) stay
+        kept = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in _comment_lines(file.read_text())]
+        header = "\n".join(kept) if kept else header
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(render_hardware(data, header))
     print(f"updated {file}", file=sys.stderr)
