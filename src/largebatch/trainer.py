@@ -272,8 +272,7 @@ class Trainer:
         step = self.guard.first_bad_step(never=self.total_steps)
         if step is not None:
             kept = ckpt.step_checkpoints(self.run_dir / "checkpoints")
-            where = (f"the last good checkpoint {kept[-1]} is kept (continue from it with a lower optim.lr "
-                     "in a new --out)" if kept else "no checkpoint had been written yet")
+            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet"
             # step + 1: the update counted as metrics.jsonl counts it (the first update is step 1)
             raise DivergenceError(
                 f"non-finite loss or gradient at step {step + 1} (lr {self.schedule(max(step, 0)):.4g}); "
