@@ -438,3 +438,33 @@ def test_bench_yaml_update_keeps_the_files_comments(tmp_path, capsys):
     assert "# from an earlier run" in text
     data = load_yaml(text)
     assert data["compute"]["images_per_s"]["alexnet"] == 22.03 and data["compute"]["images_per_s"]["mlp"] > 0
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_promise_earlier_ones(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import largebatch.checkpoint as ckpt
+
+    def full(path, data, before_commit=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    first = tmp_path / "checkpoints" / "best.pt"
+    real = ckpt._atomic_write
+    monkeypatch.setattr(ckpt, "_atomic_write", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"No space left on device; no earlier checkpoint exists$"):
+        ckpt.save_checkpoint(first, {"w": torch.zeros(1)})
+    monkeypatch.setattr(ckpt, "_atomic_write", real)
+    ckpt.save_checkpoint(tmp_path / "checkpoints" / "step_1.pt", {"w": torch.zeros(1)})
+    monkeypatch.setattr(ckpt, "_atomic_write", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"No space left on device; earlier checkpoints are kept$"):
+        ckpt.save_checkpoint(first, {"w": torch.zeros(1)})
+
+
+def test_demo_help_names_the_model_it_trains_and_how_to_shorten_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ResNet" not in text
+    assert "fmnist_net" in text and "--epochs N shortens it" in text and "--overwrite" in text

@@ -77,8 +77,10 @@ def save_checkpoint(
         _atomic_write(path.with_suffix(path.suffix + ".sha256"), f"{digest}  {path.name}\n".encode())
     except OSError as err:
         reason = err.strerror or str(err)
+        earlier = [p for p in path.parent.glob("*.pt") if p != path] if path.parent.is_dir() else []
+        kept = "earlier checkpoints are kept" if earlier else "no earlier checkpoint exists"
         raise CheckpointError(
-            f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept"
+            f"cannot write checkpoint {path}: {reason}; {kept}"
         ) from None
     return path
 
