@@ -468,3 +468,18 @@ def test_demo_help_names_the_model_it_trains_and_how_to_shorten_it(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "ResNet" not in text
     assert "fmnist_net" in text and "--epochs N shortens it" in text and "--overwrite" in text
+
+
+def test_a_checkpoint_copied_without_its_sha256_gets_a_hint(tmp_path):
+    import torch
+
+    import largebatch.checkpoint as ckpt
+
+    source = ckpt.save_checkpoint(tmp_path / "a" / "step_1.pt", {"w": torch.zeros(1)})
+    (tmp_path / "b").mkdir()
+    copy = tmp_path / "b" / "step_1.pt"
+    copy.write_bytes(source.read_bytes())
+    with pytest.raises(ckpt.CheckpointError, match=r"copy both files\)$"):
+        ckpt.load_checkpoint(copy)
+    (tmp_path / "b" / "step_1.pt.sha256").write_bytes((tmp_path / "a" / "step_1.pt.sha256").read_bytes())
+    assert torch.equal(ckpt.load_checkpoint(copy)["w"], torch.zeros(1))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from largebatch.errors import UserError
+from largebatch.errors import UserError, first_line
 
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -97,7 +97,8 @@ def verify_checkpoint(path: str | Path) -> None:
         expected = sidecar.read_text().split()[0]
     except (OSError, IndexError):
         raise CheckpointError(
-            f"checkpoint {path} has no integrity record ({sidecar.name}); it may be incomplete"
+            f"checkpoint {path} has no integrity record ({sidecar.name}); it may be incomplete. A checkpoint "
+            f"copied on its own needs its {sidecar.name} beside it (copy both files)"
         ) from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (SHA-256 does not match {sidecar.name})")
@@ -110,9 +111,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError, by torch version
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} was refused: it holds more than weights and plain data ({first[:160]})"
+            f"checkpoint {path} was refused: it holds more than weights and plain data ({first_line(err, 160)})"
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a largebatch checkpoint")
