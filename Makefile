@@ -43,7 +43,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 demo: setup data
-	$(VENV)/bin/largebatch demo
+	$(VENV)/bin/largebatch demo --overwrite
 
 bench: setup data
 	$(PY) benchmarks/optimizer_step.py

@@ -149,7 +149,8 @@ def test_resuming_with_a_different_config_is_refused(tmp_path, capsys):
 def test_world_size_change_keeps_the_global_batch_or_refuses():
     config = load_config(None, [("batch_size", 32)])
     assert batch_plan(config, 4) == (8, 1)  # 32 = 4 x 8 x 1
-    with pytest.raises(ConfigError, match=r"^batch_size 32 is not divisible by world size 3$"):
+    with pytest.raises(ConfigError, match=r"^batch_size 32 is not divisible by world size 3; choose a batch_size "
+                       r"that is a multiple of 3 \(e.g. 30 or 33\)$"):
         batch_plan(config, 3)
     micro = load_config(None, [("batch_size", 32), ("micro_batch", 8)])
     assert batch_plan(micro, 1) == (8, 4) and batch_plan(micro, 2) == (8, 2)

@@ -16,7 +16,8 @@ from test_rundir import cli_env, finished_run
 from largebatch import checkpoint as ckpt
 from largebatch import metrics
 from largebatch.cli import main
-from largebatch.config import ConfigError, load_config
+from largebatch.config import load_config
+from largebatch.errors import UserError
 from largebatch.metrics import Progress
 from largebatch.trainer import Trainer
 
@@ -79,7 +80,7 @@ def test_resume_drops_a_torn_last_metrics_line_with_a_notice(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith(f"largebatch: error: {jsonl} line 2 is not a metrics row (")
     # found while the directory is opened, where rank 0's verdict reaches every rank, not later on rank 0 alone
-    with pytest.raises(ConfigError, match="line 2 is not a metrics row"):
+    with pytest.raises(UserError, match="line 2 is not a metrics row"):
         Trainer(load_config(None, list(pairs.items())), resume="auto")
 
 

@@ -34,14 +34,13 @@ SPEC = {
         "epochs": EPOCHS,
         "precision": "fp32",
         "threads": 1,
-        "optim.trust_coefficient": 0.01,
         "schedule.warmup_epochs": 1,
     },
     "batch_sizes": [64, 128],
     "max_micro_batch": 64,  # batch 128 accumulates two micro-batches
     "seeds": [0, 1],
     "optimizers": {
-        "lars": {"lrs": [1.0, 4.0]},
+        "lars": {"lrs": [1.0, 4.0], "set": {"optim.trust_coefficient": 0.01}},  # LARS-only: refused for sgd
         # 1e30 diverges within a few steps: the sweep must record it and go on
         "sgd": {"lrs": [0.05, 1e30], "set": {"schedule.scaling": "linear", "schedule.warmup_start_lr": 0.0}},
     },

@@ -38,6 +38,8 @@ def small_config(tmp_path: Path, name: str, **overrides) -> list[tuple[str, obje
         "threads": 1,
     }
     pairs.update(overrides)
+    if pairs.get("optim.name", "lars") != "lars" and "optim.trust_coefficient" not in overrides:
+        del pairs["optim.trust_coefficient"]  # LARS-only: refused for lamb and sgd
     return list(pairs.items())
 
 

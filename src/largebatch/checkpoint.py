@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from largebatch.errors import UserError
+from largebatch.errors import UserError, first_line
 
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 FORMAT = 1  # the payload layout this version writes; a newer one is refused, never half-read
@@ -80,8 +80,10 @@ def save_checkpoint(
         _atomic_write(path.with_suffix(path.suffix + ".sha256"), f"{digest}  {path.name}\n".encode())
     except OSError as err:
         reason = err.strerror or str(err)
+        earlier = [p for p in path.parent.glob("*.pt") if p != path] if path.parent.is_dir() else []
+        kept = "earlier checkpoints are kept" if earlier else "no earlier checkpoint exists"
         raise CheckpointError(
-            f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept"
+            f"cannot write checkpoint {path}: {reason}; {kept}"
         ) from None
     return path
 
@@ -110,7 +112,8 @@ def verify_checkpoint(path: str | Path) -> None:
         expected = sidecar.read_text().split()[0]
     except (OSError, IndexError):
         raise CheckpointError(
-            f"checkpoint {path} has no integrity record ({sidecar.name}); it may be incomplete"
+            f"checkpoint {path} has no integrity record ({sidecar.name}); it may be incomplete. A checkpoint "
+            f"copied on its own needs its {sidecar.name} beside it (copy both files)"
         ) from None
     if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (SHA-256 does not match {sidecar.name})")
@@ -123,7 +126,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError, by torch version
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err, 160)
         if isinstance(err, pickle.UnpicklingError):  # the weights-only unpickler met something it refuses
             raise CheckpointError(
                 f"checkpoint {path} was refused: it holds more than weights and plain data ({first[:160]})"

@@ -8,16 +8,17 @@ checkpoint, a run that lost a peer process 4. Anything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 from typing import Any
 
 from largebatch import __version__
-from largebatch.errors import exit_status
+from largebatch.console import write_line
+from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line
 
-__all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main"]
-
-EXIT_LOST_PEER = 4
+__all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main", "positive"]
 
 # plain flags for the common keys: flag -> (dotted key, type, help)
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -36,6 +37,23 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "auto (cuda when available), cpu or cuda"),
     "--workers": ("data.options.workers", int, "imagefolder: image-reading worker processes"),
 }
+
+
+def positive(kind: type = int, allow_zero: bool = False):
+    """An argparse type: a number of ``kind`` that is > 0 (or >= 0); argparse names the flag."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list every config key with its default and what it means, then exit")
     demo = sub.add_parser(
         "demo", help="train the embedded default recipe (Fashion-MNIST, LARS, batch 8192)",
-        description="Fashion-MNIST, a small ResNet, LARS at global batch 8192 with warm-up and poly(2) decay.",
+        description="Fashion-MNIST, a small CNN (fmnist_net), LARS at global batch 8192 with warm-up and poly(2) "
+        "decay, 40 epochs. --epochs N shortens it (the warm-up shrinks to fit).",
     )
-    demo.add_argument("--out", default="runs/demo", help="run directory (replaced on each demo run)")
-    demo.add_argument("--epochs", type=int, help="fewer or more epochs than the recipe's")
+    demo.add_argument("--out", default="runs/demo", help="run directory (a run already there is kept: see --overwrite)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
+    demo.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted demo run")
+    demo.add_argument("--epochs", type=int, help="fewer or more epochs than the recipe's 40")
     demo.add_argument("--data-dir", help="Fashion-MNIST directory")
     demo.add_argument("--no-progress", action="store_true", help="no progress line")
     for register in _extra_commands():
@@ -133,19 +154,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from largebatch.trainer import train
 
     config = demo_config(out=args.out, epochs=args.epochs, data_dir=args.data_dir, progress=not args.no_progress)
-    result = train(config, overwrite=True)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
     out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
     out.message(f"final top-1 accuracy: {result.top1:.2f}%")
     return 0
-
-
-def _exit_status(err: BaseException) -> int | None:
-    """The exit status for an error that ends a run in one line, or None for a bug (traceback)."""
-    status = exit_status(err)
-    if status is None and _is_lost_peer(err):
-        return EXIT_LOST_PEER
-    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,18 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers.get(args.command) or args.run
     try:
         return handler(args)
+    except BrokenPipeError:  # `plan --list-hardware | head`: the reader has all it wanted
+        if args.command in handlers:
+            raise
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     except Exception as err:
-        status = None if os.environ.get("LARGEBATCH_DEBUG") else _exit_status(err)
+        status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
-        if status == EXIT_LOST_PEER:
-            _error(f"lost contact with another process ({_first_line(err)[:200]}); "
-                   "restart with --resume auto to continue from the last checkpoint")
-        else:
-            _error(err)
+        _error(one_line(err))
         return status
     finally:
         if args.command in handlers:
@@ -175,27 +189,19 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
 
 
-def _is_lost_peer(err: BaseException) -> bool:
-    """A collective failed because a peer process or host went away (or timed out)."""
-    import torch.distributed as dist
-
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out")
-    )
-
-
-def _first_line(err: object) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _silence_stdout() -> None:
+    """Point a closed standard output at /dev/null, so that the flush at exit raises nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _error(err: object) -> None:
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if rank else ""
-    print(f"largebatch: error: {prefix}{_first_line(err)}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # stderr closed: the exit status still tells
+        write_line(sys.stderr, f"largebatch: error: {prefix}{first_line(err)}\n")
 
 
 if __name__ == "__main__":

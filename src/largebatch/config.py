@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from largebatch.errors import UserError
-from largebatch.optim._common import IMPLEMENTATIONS
-from largebatch.optim.lamb import LAMB_IMPLEMENTATIONS
-from largebatch.schedule import DECAYS, ORIGINS
+from largebatch.errors import UserError, first_line
+from largebatch.optimizer_table import COMMON_KEYS, OPTIMIZER_TABLE
+from largebatch.schedule import DECAYS, ORIGINS, backwards_reason, linear_scaling, sqrt_scaling
+from largebatch.yaml_numbers import load_yaml
 
 __all__ = [
     "DECAYS",
@@ -57,12 +58,13 @@ __all__ = [
     "validate",
 ]
 
-OPTIMIZERS = ("lars", "lamb", "sgd")
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_GRAPHS = ("auto", "on", "off")
 SCALING_RULES = ("none", "linear", "sqrt")
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
+SEED_LIMIT = 2**32  # numpy's and the data order's generators take seeds below this
 
 # Keys that may differ between a run and its resumption (presentation, cadence, placement).
 RESUMABLE_CHANGES = {
@@ -76,6 +78,11 @@ class ConfigError(UserError, ValueError):
     """A configuration the user can fix; the message is one line."""
 
 
+# how an options mapping combines with the config file's (load_config implements it)
+OPTIONS_RULE = ("--set KEY={...} replaces the whole mapping; --set KEY.NAME=V changes one entry and keeps the "
+                "others (applied after any whole mapping)")
+
+
 def described(default: Any, about: str) -> Any:
     """A config field with its one-line description (shown by ``largebatch train --keys``)."""
     return field(default=default, metadata={"about": about})
@@ -85,7 +92,8 @@ def described(default: Any, about: str) -> Any:
 class ModelConfig:
     name: str = described("resnet_small", "registry name (docs/models_and_data.md)")
     options: dict = field(default_factory=dict, metadata={
-        "about": "constructor options, e.g. {width: 16}; in_channels and image_size default to the data's"})
+        "about": "constructor options, e.g. {width: 16}; in_channels and image_size default to the data's. "
+                 + OPTIONS_RULE})
     channels_last: bool = described(True, "channels_last memory format for 4-d inputs")
     compile: bool = described(False, "run the model through torch.compile")
 
@@ -97,24 +105,27 @@ class DataConfig:
     augment: bool = described(True, "training augmentation (random crop and flip)")
     eval_batch: int = described(2000, "evaluation batch per process")
     options: dict = field(default_factory=dict, metadata={
-        "about": "dataset options, e.g. imagefolder's {workers: 8, image_size: 227}"})
+        "about": "dataset options, e.g. imagefolder's {workers: 8, image_size: 227}. " + OPTIONS_RULE})
 
 
 @dataclass
 class OptimConfig:
     name: str = described("lars", "lars, lamb or sgd (momentum; the linear-scaling baseline)")
-    lr: float = described(10.0, "peak learning rate after warm-up (before a scaling rule, if any)")
-    momentum: float = described(0.9, "momentum (lars, sgd)")
+    lr: float | None = described(None, "peak learning rate after warm-up (before a scaling rule, if any); "
+                                 "default per optimizer: " + ", ".join(
+                                     f"{n} {s.default_lr:g}" for n, s in OPTIMIZER_TABLE.items()))
+    momentum: float = described(0.9, "momentum in [0, 1) (lars, sgd)")
     weight_decay: float = described(5e-4, "L2 weight decay (lars, sgd: in the gradient; lamb: decoupled)")
     trust_coefficient: float = described(0.001, "LARS eta in eta * ||w|| / (||g|| + wd * ||w|| + eps)")
-    eps: float = described(0.0, "LARS epsilon in the trust ratio's denominator; LAMB's Adam epsilon (0: 1e-6)")
+    eps: float | None = described(None, "lars: epsilon in the trust ratio's denominator (default 0); "
+                                  "lamb: Adam's epsilon (default 1e-6, > 0)")
     nesterov: bool = described(False, "Nesterov momentum (lars, sgd); needs momentum > 0")
-    clip: bool = described(False, "LARC clip mode: the effective rate lr * r is capped at lr")
+    clip: bool = described(False, "lars: LARC clip mode, the effective rate lr * r is capped at lr")
     betas: tuple[float, float] = described((0.9, 0.999), "LAMB's moment decay rates, each in [0, 1)")
     exclude_bias_and_norm: bool = described(True, "biases and norm weights: no trust ratio, no weight decay")
-    fused: bool = described(False, "LARS as one compiled kernel per tensor (torch.compile); = implementation=compiled")
+    fused: bool = described(False, "lars: an alias of implementation=compiled (kept for old configs)")
     implementation: str = described("auto", "optimizer path: auto (triton on CUDA, foreach on CPU), triton, foreach, "
-                                    "compiled or single")
+                                    "compiled (lars) or single; sgd: auto")
     label_smoothing: float = described(0.0, "cross-entropy label smoothing, in [0, 1)")
 
 
@@ -269,7 +280,7 @@ def split_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = load_yaml(raw) if raw else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -325,9 +336,9 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{what} {path} must hold a mapping, got {type(tree).__name__}")
     return tree
@@ -363,8 +374,6 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no knowledge of the world size, the model registry or the data."""
     _choice("optim.name", config.optim.name, OPTIMIZERS)
-    _choice("optim.implementation", config.optim.implementation,
-            LAMB_IMPLEMENTATIONS if config.optim.name == "lamb" else IMPLEMENTATIONS)
     _choice("precision", config.precision, PRECISIONS)
     _choice("device", config.device, DEVICES)
     _choice("dist.grad_dtype", config.dist.grad_dtype, GRAD_DTYPES)
@@ -374,8 +383,8 @@ def validate(config: TrainConfig) -> None:
     _choice("schedule.decay", config.schedule.decay, DECAYS)
     _choice("schedule.scaling", config.schedule.scaling, SCALING_RULES)
     _choice("schedule.decay_origin", config.schedule.decay_origin, ORIGINS)
-    _positive("optim.lr", config.optim.lr)
-    _positive("optim.momentum", config.optim.momentum, allow_zero=True)
+    if not 0.0 <= config.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {config.optim.momentum}")
     _positive("optim.weight_decay", config.optim.weight_decay, allow_zero=True)
     _positive("optim.trust_coefficient", config.optim.trust_coefficient)
     _positive("batch_size", config.batch_size)
@@ -389,10 +398,13 @@ def validate(config: TrainConfig) -> None:
     _positive("schedule.warmup_start_lr", config.schedule.warmup_start_lr, allow_zero=True)
     _positive("schedule.end_lr", config.schedule.end_lr, allow_zero=True)
     _positive("schedule.reference_batch", config.schedule.reference_batch)
-    _positive("optim.eps", config.optim.eps, allow_zero=True)
     for i, beta in enumerate(config.optim.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if config.optim.eps is not None:
+        _positive("optim.eps", config.optim.eps, allow_zero=config.optim.name != "lamb")
+    _check_optimizer(config.optim)
+    _check_direction(config)
     if config.optim.nesterov and config.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0, got 0.0")
     _check_schedule(config.schedule, config.epochs)
@@ -411,6 +423,60 @@ def validate(config: TrainConfig) -> None:
     _positive("dist_timeout_s", config.dist_timeout_s)
     if config.threads is not None:
         _positive("threads", config.threads)
+        cores = os.cpu_count() or 1
+        if config.threads > cores:
+            raise ConfigError(f"threads {config.threads} exceeds the {cores} CPU cores of this machine")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
+    if not config.out.strip():
+        raise ConfigError("out must name a run directory, got ''")
+    if config.data.name == "synthetic" and config.data.root is not None:
+        raise ConfigError(f"data.root ({config.data.root}) is not read by synthetic data; "
+                          "remove --data-dir or choose --data fashion_mnist or imagefolder")
+    config.out = os.path.expanduser(config.out)
+    if config.data.root is not None:
+        config.data.root = os.path.expanduser(config.data.root)
+
+
+def _check_optimizer(o: OptimConfig) -> None:
+    """The optimizer's own keys, from OPTIMIZER_TABLE; fills in its defaults (lr, eps) and folds
+    the ``fused`` alias into ``implementation``."""
+    spec = OPTIMIZER_TABLE[o.name]
+    defaults = OptimConfig()
+    for f in dataclasses.fields(OptimConfig):
+        if f.name in COMMON_KEYS or f.name in spec.keys:
+            continue
+        if getattr(o, f.name) != getattr(defaults, f.name):
+            users = [n for n, other in OPTIMIZER_TABLE.items() if f.name in other.keys]
+            raise ConfigError(f"optim.{f.name} applies to {' and '.join(users)} only, not to optim.name={o.name}; "
+                              f"remove it")
+    if o.fused:
+        if o.implementation not in ("auto", "compiled"):
+            raise ConfigError(f"optim.fused=true means optim.implementation=compiled, but optim.implementation="
+                              f"{o.implementation} was also given; give one of them")
+        o.fused, o.implementation = False, "compiled"
+    _choice("optim.implementation", o.implementation, spec.implementations)
+    if o.lr is None:
+        o.lr = spec.default_lr
+    if o.eps is None:
+        o.eps = spec.default_eps
+    _positive("optim.lr", o.lr)
+
+
+def _check_direction(config: TrainConfig) -> None:
+    """Refuse a schedule that runs backwards, measured against the peak after the scaling rule."""
+    s = config.schedule
+    peak = config.optim.lr
+    if s.scaling != "none":
+        scale = linear_scaling if s.scaling == "linear" else sqrt_scaling
+        peak = scale(peak, config.batch_size, s.reference_batch)
+    names = ("optim.lr" if s.scaling == "none" else f"optim.lr (after {s.scaling} scaling)",
+             "schedule.warmup_start_lr", "schedule.end_lr", "schedule.gamma")
+    reason = backwards_reason(peak, s.warmup_start_lr if s.warmup_epochs else 0.0,
+                              s.end_lr if s.decay in ("poly", "cosine") else 0.0,
+                              s.gamma if s.decay == "step" else 1.0, names)
+    if reason:
+        raise ConfigError(reason)
 
 
 def _check_schedule(s: ScheduleConfig, epochs: int) -> None:
@@ -455,9 +521,16 @@ def derive_accumulation(batch_size: int, micro_batch: int, world_size: int) -> i
     if batch_size % per_step != 0:
         raise ConfigError(
             f"batch_size {batch_size} is not divisible by world size {world_size} x micro_batch {micro_batch} "
-            f"(= {per_step}); choose a batch_size that is a multiple of {per_step}"
+            f"(= {per_step}); {_dividing(batch_size, per_step)}"
         )
     return batch_size // per_step
+
+
+def _dividing(batch_size: int, unit: int) -> str:
+    """The nearest batch sizes that would divide, for the error message."""
+    below, above = batch_size // unit * unit, (batch_size // unit + 1) * unit
+    near = f"{below} or {above}" if below else str(above)
+    return f"choose a batch_size that is a multiple of {unit} (e.g. {near})"
 
 
 def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -469,6 +542,7 @@ def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
     """
     if config.micro_batch is None:
         if config.batch_size % world_size:
-            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}")
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}; "
+                          f"{_dividing(config.batch_size, world_size)}")
         return config.batch_size // world_size, 1
     return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)

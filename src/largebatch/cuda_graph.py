@@ -30,13 +30,15 @@ import torch
 from torch import Tensor
 
 from largebatch.config import ConfigError
+from largebatch.optimizer_table import OPTIMIZER_TABLE
 
 Batch = tuple[Tensor, Tensor]
 StepFn = Callable[[Sequence[Batch]], tuple[Tensor, Tensor]]
 
 WARMUP_STEPS = 3
 MAX_STATIC_INPUT_BYTES = 2 << 30  # auto mode: at most this much for the step's static inputs
-GRAPH_OPTIMIZERS = ("lars", "lamb")  # torch.optim.SGD reads a tensor learning rate on the host
+# a step replays as a graph only where the optimizer reads its learning rate from a device tensor
+GRAPH_OPTIMIZERS = tuple(name for name, spec in OPTIMIZER_TABLE.items() if spec.tensor_lr)
 
 
 def graphs_decision(mode: str, *, device: torch.device, distributed: bool, fp16: bool, optimizer: str,

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from largebatch.config import ConfigError
+from largebatch.console import write_line
+from largebatch.errors import UserError
 
 CSV_COLUMNS = (
     "kind", "step", "epoch", "lr", "loss", "img_per_s", "data_time_s", "elapsed_s",
@@ -28,7 +29,7 @@ CSV_COLUMNS = (
 )
 
 
-class RunRecordError(ConfigError):
+class RunRecordError(UserError, ValueError):
     """metrics.jsonl or metrics.csv cannot be written or read back; the message names the file."""
 
 
@@ -219,16 +220,22 @@ def write_plots(run_dir: Path) -> list[Path]:
             points = [(r["step"], r[key]) for r in data if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o" if data is evals else None, label=label)
+        if not ax.has_data():  # evaluation off: no empty accuracy plot
+            plt.close(fig)
+            (plot_dir / name).unlink(missing_ok=True)  # nor one left from a run this one resumed
+            continue
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend()
+        ax.legend()
         fig.tight_layout()
         fig.savefig(plot_dir / name, dpi=100)
         plt.close(fig)
         written.append(plot_dir / name)
     return written
+
+
+RATE_STEPS = 10  # the progress line's img/s: a moving average over about this many updates
 
 
 class Progress:
@@ -250,6 +257,7 @@ class Progress:
         self._first_step: int | None = None
         self._last_printed: int | None = None
         self._closed = False
+        self._rate: float | None = None
 
     @property
     def stream(self) -> TextIO | None:
@@ -265,6 +273,12 @@ class Progress:
     def update(self, step: int, epoch: int, lr: float, loss: float, img_per_s: float) -> None:
         if not self.enabled:
             return
+        # the rate of one log interval jumps (a step that waited for data, then one that did not);
+        # the line shows an exponential moving average over about the last RATE_STEPS updates
+        if math.isfinite(img_per_s):
+            alpha = 2 / (RATE_STEPS + 1)
+            self._rate = img_per_s if self._rate is None else self._rate + alpha * (img_per_s - self._rate)
+        img_per_s = self._rate if self._rate is not None else img_per_s
         if self._first_step is None:
             # time left is measured from the first update on, which excludes start-up costs;
             # until a second update there is no rate to extrapolate from
@@ -299,8 +313,7 @@ class Progress:
         if self._closed or self.stream is None:  # started with standard output closed: nowhere to write
             return
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            write_line(self.stream, text)  # one write(2): ranks' lines never merge
         except (OSError, ValueError):  # BrokenPipeError, a closed file, EIO from a lost terminal
             self._closed = True
             _silence(self.stream)

@@ -41,6 +41,7 @@ from largebatch.config import (
     to_dict,
 )
 from largebatch.distributed import broadcast_object
+from largebatch.errors import UserError
 from largebatch.metrics import read_jsonl
 
 LOCK_FILE = ".lock"
@@ -53,7 +54,7 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "checkpoints", "plots", "tensorboard", CONFIG_FILE)
 
 
-class RunDirError(ConfigError):
+class RunDirError(UserError, ValueError):
     """The run directory cannot be used as asked; nothing in it was changed."""
 
 
@@ -259,7 +260,7 @@ class RunDir:
         if self.is_main:
             try:
                 decision["path"] = self._open_main(resume, overwrite)
-            except (ConfigError, ckpt.CheckpointError) as err:
+            except UserError as err:  # RunDirError, RunRecordError, ConfigError, CheckpointError
                 decision["error"] = (isinstance(err, ckpt.CheckpointError), str(err))
         decision = broadcast_object(decision)  # type: ignore[assignment]
         if "error" in decision:

@@ -20,6 +20,7 @@ __all__ = [
     "ORIGINS",
     "Decay",
     "WarmupDecay",
+    "backwards_reason",
     "linear_scaling",
     "mlperf_resnet50_lars",
     "sqrt_scaling",
@@ -72,6 +73,17 @@ class WarmupDecay:
             raise ValueError(f"decay_origin must be one of {', '.join(ORIGINS)}; got {self.decay_origin!r}")
         if self.power <= 0:
             raise ValueError(f"power must be > 0, got {self.power}")
+        backwards = self.backwards()
+        if backwards:
+            raise ValueError(backwards)
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must be increasing, got {list(self.milestones)}")
+
+    def backwards(self) -> str | None:
+        """Why the rate would rise where it should fall (warm-up down, decay up), or None."""
+        return backwards_reason(self.base_lr, self.warmup_start_lr if self.warmup_steps else 0.0,
+                                self.end_lr if self.decay in ("poly", "cosine") else 0.0,
+                                self.gamma if self.decay == "step" else 1.0)
 
     def __call__(self, step: int) -> float:
         if step < 0:
@@ -110,6 +122,26 @@ class WarmupDecay:
                     f"{self.base_lr}; LambdaLR multiplies the optimizer's lr"
                 )
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self.multiplier, last_epoch=last_epoch)
+
+
+SCHEDULE_NAMES = ("base_lr", "warmup_start_lr", "end_lr", "gamma")
+
+
+def backwards_reason(peak: float, warmup_start: float, end: float, gamma: float,
+                     names: tuple[str, ...] = SCHEDULE_NAMES) -> str | None:
+    """Why a schedule runs backwards, naming the settings as ``names`` call them, or None.
+
+    A warm-up starts at or below the peak, a decay ends at or below it, a step decay's factor is
+    at most 1; the other way round trains at rates nobody meant, silently.
+    """
+    lr, start, end_name, gamma_name = names
+    if warmup_start > peak:
+        return f"{start} {warmup_start:g} is above the peak {lr} {peak:g}: the warm-up would go down"
+    if end > peak:
+        return f"{end_name} {end:g} is above the peak {lr} {peak:g}: the decay would go up"
+    if gamma > 1:
+        return f"{gamma_name} {gamma:g} is above 1: the step decay would raise the rate"
+    return None
 
 
 def linear_scaling(base_lr: float, batch_size: int, reference_batch: int = 256) -> float:

@@ -46,10 +46,12 @@ from largebatch.distributed import (
     host_group,
     init_distributed,
 )
-from largebatch.errors import Preempted
+from largebatch.errors import Preempted, first_line
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, read_jsonl, write_plots
 from largebatch.models import build_model, check_input, model_options
-from largebatch.optim import LAMB, LARS, param_groups
+from largebatch.optim import param_groups
+from largebatch.optim._triton import TritonUnavailable
+from largebatch.optimizer_table import OPTIMIZER_TABLE
 from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 from largebatch.train_step import DeviceLearningRate, DivergenceError, DivergenceGuard, grads_finite, step_seed
@@ -86,14 +88,11 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
         exclude_from_adaptation=None if o.exclude_bias_and_norm else False,
         exclude_from_decay=None if o.exclude_bias_and_norm else False,
     )
-    if o.name == "lars":
-        return LARS(groups, lr=lr, momentum=o.momentum, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                    nesterov=o.nesterov, clip=o.clip, fused=o.fused, implementation=o.implementation)
-    if o.name == "lamb":
-        return LAMB(groups, lr=lr, betas=o.betas, eps=o.eps if o.eps > 0 else 1e-6, implementation=o.implementation)
-    for g in groups:
-        g.pop("lars_adapt")
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    try:
+        return OPTIMIZER_TABLE[o.name].build(groups, lr, o)
+    except TritonUnavailable as err:  # an explicit triton path where it cannot run: the user's choice
+        raise ConfigError(f"optim.implementation=triton cannot run here ({first_line(err)}); "
+                          "set optim.implementation=auto") from None
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
@@ -112,6 +111,8 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupDecay:
     )
 
 
+AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # the names precision= takes
+DIVERGED_EVAL_FACTOR = 100  # an eval loss above this many times ln(classes) is a diverged run
 FEW_STEPS_PER_EPOCH = 4  # fewer steps than this per epoch: warm-up and decay have little room
 
 
@@ -147,6 +148,12 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {config.batch_size} exceeds the training set ({self.data.num_train} examples)"
             )
+        if self.data.num_classes < 2:
+            raise ConfigError(f"the {config.data.name} data has {self.data.num_classes} class(es); "
+                              "a classifier needs at least 2")
+        if self.data.num_eval == 0 and config.eval_every:
+            raise ConfigError(f"the {config.data.name} data has no evaluation examples (num_eval=0); "
+                              "set eval_every=0 to train without evaluation")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedule = build_schedule(config, self.steps_per_epoch)
 
@@ -159,7 +166,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the module whose state is saved
         self.optimizer = build_optimizer(config, model, self.schedule(0))
-        self.learning_rate = DeviceLearningRate(self.optimizer, self.env.device, as_tensor=config.optim.name != "sgd")
+        tensor_lr = OPTIMIZER_TABLE[config.optim.name].tensor_lr
+        self.learning_rate = DeviceLearningRate(self.optimizer, self.env.device, as_tensor=tensor_lr)
         self.amp_dtype = autocast_dtype(config.precision, self.env.device)
         self.scaler = torch.amp.GradScaler(
             self.env.device.type, enabled=self.amp_dtype == torch.float16
@@ -229,6 +237,7 @@ class Trainer:
             "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None,
             "config": to_dict(self.config),
             "eval_pending": self._eval_pending,
+            "classes": list(getattr(self.data, "classes", None) or []),  # index -> name, for inference
         }
 
     def _load(self, path: Path) -> None:
@@ -242,7 +251,7 @@ class Trainer:
             self._eval_pending = bool(payload.get("eval_pending", False))
         except (KeyError, RuntimeError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                                       f"{str(err).splitlines()[0][:200]}") from None
+                                       f"{first_line(err, 200)}") from None
         named = ckpt.step_of_name(path)
         if named is not None and named != self.step:
             self.progress.message(f"checkpoint {path.name} holds step {self.step}, not {named} (renamed?); "
@@ -313,9 +322,12 @@ class Trainer:
         """Read the divergence guard (one all-reduce, one host read): stop at the first bad step."""
         step = self.guard.first_bad_step(never=self.total_steps)
         if step is not None:
+            kept = ckpt.step_checkpoints(self.run_dir / "checkpoints")
+            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet"
+            # step + 1: the update counted as metrics.jsonl counts it (the first update is step 1)
             raise DivergenceError(
-                f"non-finite loss or gradient at step {step} (lr {self.schedule(max(step, 0)):.4g}); "
-                f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
+                f"non-finite loss or gradient at step {step + 1} (lr {self.schedule(max(step, 0)):.4g}); "
+                f"stopped, {where}"
             )
 
     # ---- one step -----------------------------------------------------------------------------
@@ -548,8 +560,8 @@ class Trainer:
             f"{cfg.model.name} on {cfg.data.name} (input {shape}): global batch {cfg.batch_size} = "
             f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
-            f"peak lr {self.schedule.base_lr:.4g}, autocast {self.amp_dtype or 'off'}, device {env.device}{graphs}"
-            f"; launcher: {env.launcher}"
+            f"peak lr {self.schedule.base_lr:.4g}, autocast {AMP_NAMES.get(self.amp_dtype, 'off')}, "
+            f"device {env.device}{graphs}; launcher: {env.launcher}"
         )
         if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
             self.progress.message(
@@ -579,10 +591,23 @@ class Trainer:
     def _evaluate_and_keep_best(self, writer: MetricsWriter | None, elapsed: float) -> dict[str, Any]:
         result = self.evaluate()
         self._report_eval(writer, self.step // self.steps_per_epoch, result, elapsed)
+        self._check_eval_loss(result["eval_loss"])
         if result["top1"] > self.best_top1:
             self.best_top1 = result["top1"]
             self.save("best.pt")
         return result
+
+    def _check_eval_loss(self, loss: float) -> None:
+        """Stop a run whose evaluation diverged, as a non-finite training loss does, before this
+        model is saved. Guessing uniformly costs ln(classes); a loss 100 times that (logits in the
+        hundreds, all wrong) or a non-finite one means the weights blew up."""
+        limit = DIVERGED_EVAL_FACTOR * math.log(max(self.data.num_classes, 2))
+        if not math.isfinite(loss) or loss > limit:
+            raise DivergenceError(
+                f"eval loss {loss:.4g} at step {self.step} (more than {DIVERGED_EVAL_FACTOR} x ln(classes) = "
+                f"{limit:.4g}): the run diverged at lr {self.schedule(self.step - 1):.4g}; stopped without saving "
+                f"this model; lower optim.lr (now {self.config.optim.lr:g})"
+            )
 
     def _report_eval(self, writer: MetricsWriter | None, epochs_done: int, result: dict[str, Any],
                      elapsed: float) -> None:

@@ -411,6 +411,8 @@ def _listing(split_dir: str, class_to_idx: dict[str, int], every_class: bool = F
     if unknown:
         raise DataError(f"imagefolder: class folder {os.path.join(split_dir, unknown[0])} has no match in train/")
     present = {c: i for c, i in class_to_idx.items() if c in found}
+    if not present:  # torchvision's make_dataset raises a bare ValueError for this
+        raise DataError(f"imagefolder: no class folders in {split_dir}")
     samples = make_dataset(split_dir, present, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DataError(f"imagefolder: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
@@ -487,6 +489,9 @@ def imagefolder(
         workers = min(8, os.cpu_count() or 1)
     if not isinstance(workers, int) or workers < 0:
         raise DataError(f"workers must be a non-negative integer, got {workers!r}")
+    if not isinstance(prefetch_factor, int) or isinstance(prefetch_factor, bool) or prefetch_factor < 1:
+        raise DataError(f"prefetch_factor must be a positive integer (batches read ahead per worker), "
+                        f"got {prefetch_factor!r}")
     scale = _crop_scale(crop_scale)
     mode = resolve_decode(decode, torch.device(device))
     return ImageFolderSource(

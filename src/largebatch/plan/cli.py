@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from largebatch.cli import positive
+from largebatch.errors import first_line
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
@@ -139,6 +141,13 @@ def run_plan(args) -> int:
     if procs[-1] > args.global_batch:
         raise PlanError(f"--global-batch {args.global_batch} is smaller than {procs[-1]} processes: some would get "
                         f"no image; give --processes up to {args.global_batch}")
+    uneven = [p for p in procs if args.global_batch % p]
+    if uneven:
+        raise PlanError(f"--global-batch {args.global_batch} does not divide among {', '.join(map(str, uneven))} "
+                        f"processes (a process cannot take part of an image); give process counts that divide it")
+    if args.global_batch > args.dataset_size:
+        raise PlanError(f"--global-batch {args.global_batch} is larger than the data set ({args.dataset_size} images, "
+                        "--dataset-size): an epoch would hold no full batch")
     algorithm = args.algorithm or hw.algorithm or "best"
     grad_bytes = GRAD_BYTES[args.grad_dtype]
     preds = predict(prof, hw, procs, args.global_batch, args.epochs, args.dataset_size, algorithm=algorithm,
@@ -163,7 +172,8 @@ def run_plan(args) -> int:
         _network_line(hw),
         f"- compute: {compute_from}; all-reduce: {algorithm}, {buckets}",
         f"- global batch {args.global_batch}, {args.epochs:g} epochs of {args.dataset_size} images "
-        f"= {preds[0].iterations} iterations",
+        f"= {preds[0].iterations} iterations ({args.dataset_size // args.global_batch} full batches per epoch, "
+        "the last partial batch dropped as the trainer does)",
         "",
         table(preds),
     ]
@@ -193,12 +203,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     sub.required = True
     c = sub.add_parser("comm", help="time all-reduce over sizes among local processes and fit alpha, beta, gamma")
-    c.add_argument("--processes", type=int, default=2, help="local processes (default 2)")
+    c.add_argument("--processes", type=positive(int), default=2, help="local processes (default 2)")
     c.add_argument("--min-size", default="1K", help="smallest message (default 1K)")
     c.add_argument("--max-size", default="256M", help="largest message (default 256M); sizes go up by 4x")
     c.add_argument("--fit-min-size", default=None,
                    help="fit only sizes >= this (default: all); for the regime a workload uses, e.g. 4M buckets")
-    c.add_argument("--reps", type=int, help="repetitions per size (default: 3 to 40, about 64 MB of traffic)")
+    c.add_argument("--reps", type=positive(int), help="repetitions per size (default: 3 to 40, about 64 MB of traffic)")
     c.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     c.add_argument("--algorithm", default="ring", choices=list(ALGORITHMS),
                    help="closed form to fit (default ring: gloo's CPU all-reduce; NCCL uses ring or tree)")
@@ -210,27 +220,55 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("model", help="a largebatch.models name, else a torchvision model name")
     m.add_argument("--batch", default="32",
                    help="per-process batch, or a list (32,64,256) to fit step time = fixed + batch x per image")
-    m.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    m.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice; cores/N with N)")
-    m.add_argument("--processes", type=int, default=1,
+    m.add_argument("--steps", type=positive(int), default=10, help="timed steps (default 10)")
+    m.add_argument("--warmup", type=positive(int, allow_zero=True), default=2, help="untimed steps first (default 2)")
+    m.add_argument("--threads", type=positive(int),
+                   help="torch threads per process (default: torch's choice; cores/N with N)")
+    m.add_argument("--processes", type=positive(int), default=1,
                    help="run N copies at once and report the slowest: the per-process rate of an N-process job")
-    m.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    m.add_argument("--num-classes", type=int, default=1000)
+    m.add_argument("--image-size", type=positive(int), help="input side (default: the model's)")
+    m.add_argument("--num-classes", type=positive(int), default=1000)
     m.add_argument("--yaml", help="write or update this hardware YAML with compute.images_per_s[MODEL]")
     m.add_argument("--name", help="hardware name when --yaml creates a new file")
     m.set_defaults(run=run_bench)
     return p
 
 
-def _update_yaml(path: str, name: str | None, section: str, values: dict, source: str) -> None:
-    """Merge measured values into a hardware YAML; the new source line replaces the one it supersedes."""
+def _check_yaml_target(path: str) -> None:
+    """A --yaml that bench can update: a new file in a directory that exists, or a hardware YAML."""
     import yaml
 
-    from largebatch.plan.hardware import render_hardware
+    from largebatch.yaml_numbers import load_yaml
 
-    file = Path(path)
-    data = yaml.safe_load(file.read_text()) if file.exists() else None
+    file = Path(os.path.expanduser(path))
+    if file.is_dir():
+        raise PlanError(f"--yaml {path} is a directory; give a file such as {file / 'this-machine.yaml'}")
+    if not file.exists():
+        if not file.parent.is_dir():
+            raise PlanError(f"--yaml {path}: directory {file.parent} does not exist")
+        return
+    try:
+        data = load_yaml(file.read_text())
+    except OSError as err:
+        raise PlanError(f"--yaml {path} cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise PlanError(f"--yaml {path} is not valid YAML: {first_line(err)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise PlanError(f"--yaml {path} must hold a hardware mapping, got {type(data).__name__}")
+
+
+def _comment_lines(text: str) -> list[str]:
+    """The whole-line comments of a YAML file, in order (a rewrite keeps them as its header)."""
+    return [line.rstrip() for line in text.splitlines() if line.lstrip().startswith("#")]
+
+
+def _update_yaml(path: str, name: str | None, section: str, values: dict, source: str) -> None:
+    """Merge measured values into a hardware YAML; the new source line replaces the one it supersedes."""
+    from largebatch.plan.hardware import render_hardware
+    from largebatch.yaml_numbers import load_yaml
+
+    file = Path(os.path.expanduser(path))
+    data = load_yaml(file.read_text()) if file.exists() else None
     data = data if isinstance(data, dict) else {}
     data.setdefault("name", name or file.stem)
     data.setdefault("description", "this machine, measured with largebatch bench")
@@ -246,6 +284,9 @@ def _update_yaml(path: str, name: str | None, section: str, values: dict, source
     data["sources"] = sources
     data = {k: data[k] for k in ("name", "description", "compute", "network", "node", "sources") if k in data}
     header = "Measured on this machine by `largebatch bench`; see `sources` for the command and date of each figure."
+    if file.exists():  # the file's own comments (provenance, the conditions of each figure) stay
+        kept = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in _comment_lines(file.read_text())]
+        header = "\n".join(kept) if kept else header
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(render_hardware(data, header))
     print(f"updated {file}", file=sys.stderr)
@@ -258,8 +299,13 @@ def run_bench(args) -> int:
     # other work on the machine slows every measurement: the load average goes into the source line
     load = os.getloadavg()[0]
     today = f"{datetime.date.today().isoformat()}, 1-min load average {load:.2f} on {os.cpu_count()} cores"
+    if args.yaml:
+        _check_yaml_target(args.yaml)  # before minutes of measuring, not after
     if args.bench_command == "comm":
-        sizes = bench.default_sizes(bench.parse_size(args.min_size), bench.parse_size(args.max_size))
+        smallest, largest = bench.parse_size(args.min_size), bench.parse_size(args.max_size)
+        if smallest > largest:
+            raise PlanError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+        sizes = bench.default_sizes(smallest, largest)
         lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
         if sum(n >= lo for n in sizes) < 2:
             raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")

@@ -35,8 +35,10 @@ from typing import Any
 
 import yaml
 
+from largebatch.errors import first_line
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL, Network, TwoLevelNetwork
 from largebatch.plan.errors import PlanError
+from largebatch.yaml_numbers import load_yaml
 
 __all__ = ["ALGORITHM_CHOICES", "Hardware", "StepTime", "list_hardware", "load_hardware", "parse_hardware",
            "render_hardware"]
@@ -237,9 +239,9 @@ def load_hardware(spec: str | Path) -> Hardware:
             raise PlanError(f"unknown hardware {str(spec)!r}; shipped: {shipped}, or give a .yaml path")
         text, origin = entry.read_text(), f"{spec}.yaml"
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
-        raise PlanError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise PlanError(f"{origin}: not valid YAML ({first_line(err)})") from None
     return parse_hardware(data, origin)
 
 

@@ -61,6 +61,9 @@ def resolve_profile(
     num_classes: int = 1000,
 ) -> Profile:
     """A profile by name. source: 'auto' (models, then paper), 'models', 'paper'; params/flops override."""
+    for flag, value in (("--params", params), ("--flops", flops)):
+        if value is not None and not value > 0:
+            raise PlanError(f"{flag} must be > 0, got {value:g}")
     if params is not None and flops is not None:
         if params <= 0 or flops <= 0:
             raise PlanError(f"--params and --flops must be > 0, got {params} and {flops}")

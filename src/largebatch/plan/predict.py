@@ -53,12 +53,23 @@ UPDATE_BYTES = 28
 DEFAULT_BUCKET = 25 * 2**20
 
 
-def iterations(epochs: float, dataset_size: int, global_batch: int) -> int:
-    """Iterations to see ``epochs`` passes of the data: ceil(epochs * N / B) (the paper's counts)."""
+def iterations(epochs: float, dataset_size: int, global_batch: int, drop_last: bool = True) -> int:
+    """Iterations to see ``epochs`` passes of the data.
+
+    As largebatch's trainer runs them (``drop_last``): each epoch is floor(N / B) full batches,
+    the partial last batch dropped. ``drop_last=False`` counts ceil(epochs * N / B), the
+    paper's tables.
+    """
     if epochs <= 0 or dataset_size <= 0 or global_batch <= 0:
         got = f"{epochs}, {dataset_size}, {global_batch}"
         raise PlanError(f"epochs, dataset size and global batch must be > 0, got {got}")
-    return math.ceil(epochs * dataset_size / global_batch - 1e-9)
+    if not drop_last:
+        return math.ceil(epochs * dataset_size / global_batch - 1e-9)
+    per_epoch = dataset_size // global_batch
+    if per_epoch == 0:
+        raise PlanError(f"global batch {global_batch} is larger than the data set ({dataset_size} images): "
+                        "an epoch holds no full batch")
+    return math.floor(epochs * per_epoch + 1e-9)
 
 
 def bucket_sizes(total: float, bucket: float | None) -> list[float]:
@@ -139,6 +150,9 @@ def predict_iteration(
         raise PlanError(f"process counts must be positive integers, got {processes}")
     if global_batch < processes:
         raise PlanError(f"global batch {global_batch} is smaller than {processes} processes: some would get no image")
+    if global_batch % processes:
+        raise PlanError(f"global batch {global_batch} does not divide among {processes} processes "
+                        f"({global_batch / processes:.1f} images each)")
     if images_per_s is not None and not (math.isfinite(images_per_s) and images_per_s > 0):
         raise PlanError(f"images/s must be a finite number > 0, got {images_per_s}")
     b = global_batch / processes
@@ -156,7 +170,8 @@ def predict_iteration(
         if hw.flops is None:
             known = ", ".join(sorted(hw.images_per_s)) or "none"
             raise PlanError(
-                f"hardware {hw.name!r} has no FLOP/s and no images/s for {profile.name!r} (measured: {known})"
+                f"hardware {hw.name!r} has no FLOP/s and no images/s for {profile.name!r} (measured: {known}); "
+                f"give --images-per-s, or measure it: largebatch bench compute {profile.name} --yaml FILE"
             )
         step = b * (1 + backward_ratio) * profile.flops / hw.flops
         update = profile.params * UPDATE_BYTES / hw.memory_bandwidth if hw.memory_bandwidth else 0.0

@@ -11,6 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
+from largebatch.cli import positive
+
 __all__ = ["print_plan", "register", "run_command"]
 
 
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="override a spec key (batch_sizes=[256,1024], seeds=[0], optimizers.sgd.lrs=[0.1]) "
                         "or, for any other key, a trainer key of every trial (epochs=5); repeatable")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and the work they need, then exit")
-    parser.add_argument("--img-per-s", type=float, metavar="N",
+    parser.add_argument("--img-per-s", type=positive(float), metavar="N",
                         help="with --dry-run: training throughput to turn images into an estimated time")
     parser.set_defaults(run=run_command)
 

@@ -111,7 +111,7 @@ def describe(spec: SweepSpec) -> str:
     opt = spec.optimizers[0]
     batch = spec.batch_sizes[0]
     config = spec.trial_config(Trial(opt.label, batch, opt.lrs[batch][0], spec.seeds[0]), "unused")
-    return f"{config.model.name} on {config.data.name}, {config.epochs} epochs"
+    return f"{config.model.name} on {config.data.name}, {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
 
 
 def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialResult]) -> str:
@@ -133,8 +133,7 @@ def markdown(spec: SweepSpec, rows: list[dict[str, Any]], results: list[TrialRes
         "",
         "Top-1 is the final evaluation, in %: mean ± sample standard deviation over seeds, and the "
         "range. The seed that chose the rate is in the mean, which favours the chosen rate slightly. "
-        "\"peak lr\" is the rate after warm-up, after the config's scaling rule (linear for the SGD "
-        "baseline).",
+        "\"peak lr\" is the rate after warm-up, after each optimizer's scaling rule (schedule.scaling).",
         "",
         f"\"vs {batch_label(spec.batch_sizes[0])}\" is the mean top-1 minus that of the same optimizer "
         f"at batch {spec.batch_sizes[0]}, in points.",
