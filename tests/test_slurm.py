@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -208,8 +209,11 @@ def test_srun_with_a_task_count_that_does_not_split_the_batch_is_refused(tmp_pat
     done = slurm.run("srun", "--ntasks=2", sys.executable, "-m", "largebatch.cli",
                      *cli(tiny(run, batch_size=127)), env=ENV, check=False)
     assert done.returncode == 2
-    assert next(line for line in done.stderr.splitlines() if line.startswith("largebatch:")) == (
-        "largebatch: error: batch_size 127 is not divisible by world size 2")
+    # each task says it (in either order), with sizes that would divide
+    lines = {re.sub(r"^largebatch: error: \[rank \d+\] ", "largebatch: error: ", line)
+             for line in done.stderr.splitlines() if line.startswith("largebatch:")}
+    assert lines == {"largebatch: error: batch_size 127 is not divisible by world size 2; "
+                     "choose a batch_size that is a multiple of 2 (e.g. 126 or 128)"}
     assert not run.exists()
 
 

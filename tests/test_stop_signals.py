@@ -169,3 +169,19 @@ def test_a_stop_too_late_for_a_checkpoint_resumes_from_the_last_one_and_counts_t
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 step(s) logged after the checkpoint of step 4 were lost" in done.stdout + done.stderr  # 5 and 6
     assert same_weights(weights(newest(run)), weights(newest(straight)))
+
+
+def test_a_requeue_signal_during_start_up_is_kept_for_the_run_not_fatal():
+    """Slurm's warning can come while torch is still importing; its default action would kill the task."""
+    from largebatch import stop_signals
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    seen: list[int] = []
+    try:
+        stop_signals.hold_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # before any run has its handlers
+        with stop_signals.installed(lambda signum, frame: seen.append(signum)):
+            assert seen == [signal.SIGUSR1]  # handed over as the run's handler is put in place
+        assert seen == [signal.SIGUSR1]  # once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

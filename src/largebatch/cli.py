@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": run_train, "demo": run_demo}
     handler = handlers.get(args.command) or args.run
     try:
+        if args.command in handlers:
+            from largebatch.stop_signals import hold_early
+
+            hold_early()  # a scheduler's warning during start-up is kept, not fatal
         return handler(args)
     except BrokenPipeError:  # `plan --list-hardware | head`: the reader has all it wanted
         if args.command in handlers:

@@ -22,8 +22,8 @@ from typing import Any
 
 from largebatch.errors import EXIT_REQUEUE, Interrupted, Preempted, RequeueRequested, UserError
 
-__all__ = ["REQUEUE_SIGNAL_ENV", "StopCode", "installed", "interrupted_now", "requeue_signal", "stop_code",
-           "stopped_error"]
+__all__ = ["REQUEUE_SIGNAL_ENV", "StopCode", "hold_early", "installed", "interrupted_now", "requeue_signal",
+           "stop_code", "stopped_error"]
 
 REQUEUE_SIGNAL_ENV = "LARGEBATCH_REQUEUE_SIGNAL"
 
@@ -52,6 +52,23 @@ def stop_code(signum: int | None) -> int:
     return StopCode.TERM
 
 
+_early: list[int] = []  # requeue signals that arrived before a run installed its handlers
+
+
+def _record_early(signum: int, frame: Any) -> None:
+    _early.append(signum)
+
+
+def hold_early() -> None:
+    """Catch the requeue signal from the very start of the command (its default action kills).
+
+    Slurm's warning can arrive while the process is still importing torch or building the model;
+    it is kept and handed to the run's handler as soon as :func:`installed` puts that in place.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(requeue_signal(), _record_early)
+
+
 @contextlib.contextmanager
 def installed(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """``handler`` for SIGTERM, SIGINT and the requeue signal while the block runs, then the previous ones.
@@ -63,6 +80,8 @@ def installed(handler: Callable[[int, Any], None]) -> Iterator[None]:
         return
     signals = (signal.SIGTERM, signal.SIGINT, requeue_signal())
     previous = {s: signal.signal(s, handler) for s in signals}
+    while _early:  # a warning that came during start-up asks for the stop now
+        handler(_early.pop(0), None)
     try:
         yield
     finally:

@@ -529,7 +529,9 @@ class Trainer:
             if writer is not None and writer.error is not None:  # the last row could not be written
                 raise RunRecordError(self._records_failed_message(writer))
             finished = True
-        except KeyboardInterrupt:  # a second Ctrl-C
+        except KeyboardInterrupt:  # a second Ctrl-C (a first one before the handlers were in place: plain)
+            if not self._stop_requested:
+                raise
             raise self._interrupted_now() from None
         finally:
             stopping.close()
