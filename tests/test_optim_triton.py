@@ -118,7 +118,8 @@ def _awkward(kind: str, gen: torch.Generator) -> list[torch.Tensor]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["one_element", "large_odd_length", "empty_tensor", "many_tiny"])
+@pytest.mark.parametrize("kind", ["one_element", "large_odd_length", "empty_tensor",
+                                  pytest.param("many_tiny", marks=pytest.mark.slow)])
 def test_lars_awkward_tables(kind, seed):
     gen = torch.Generator().manual_seed(seed)
     opts = dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, eps=0.0)
@@ -291,6 +292,7 @@ def test_lamb_low_precision_params_move_as_the_reference(dtype, seed):
         np.testing.assert_allclose(p.detach().double().numpy(), w, rtol=0, atol=4 * ulp)
 
 
+@pytest.mark.slow
 def test_lamb_many_tiny_tensors_and_an_empty_one(seed):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(3, generator=gen) for _ in range(500)] + [torch.empty(0)]

@@ -22,6 +22,8 @@ from test_reliability import cli_args, newest, same_weights, tiny, weights
 from largebatch import checkpoint as ckpt
 from largebatch.errors import EXIT_REQUEUE
 
+pytestmark = pytest.mark.slow  # real processes stopped by real signals: make test, not test-fast
+
 # 12 steps of 4 per epoch; log and periodic checkpoints only at epoch ends (steps 4, 8, 12)
 SPARSE = {"epochs": 3, "log_every": 1000, "checkpoint_every": 0, "data.eval_batch": 16}
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
