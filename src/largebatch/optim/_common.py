@@ -14,6 +14,7 @@ __all__ = [
     "KERNEL_OPTIONS",
     "PATH_KEYS",
     "accumulation_dtype",
+    "add_checked_group",
     "adopt_peer_state",
     "amp_scaling_supported",
     "check_implementation",
@@ -284,6 +285,18 @@ def amp_scaling_supported(groups: Sequence[dict]) -> bool:
             if p.grad is not None and p.grad.stride() != p.stride():
                 return False
     return True
+
+
+def add_checked_group(optimizer: torch.optim.Optimizer, add: Callable[[dict], None], group: dict,
+                      check: Callable[[dict], None]) -> None:
+    """torch's add_param_group, then the constructor's ``check`` on the group as torch filled it in;
+    a refused group is taken out again, so the optimizer is left as it was."""
+    add(group)
+    try:
+        check(optimizer.param_groups[-1])
+    except Exception:
+        optimizer.param_groups.pop()
+        raise
 
 
 def load_keeping_path_choice(optimizer: torch.optim.Optimizer, load: Callable[[dict], None], state_dict: dict) -> None:

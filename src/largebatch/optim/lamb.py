@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from largebatch.optim import _triton
 from largebatch.optim._common import (
     IMPLEMENTATIONS,
+    add_checked_group,
     adopt_peer_state,
     amp_scaling_supported,
     check_implementation,
@@ -110,12 +111,7 @@ class LAMB(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, with the constructor's checks (a bad group is refused and not kept)."""
-        super().add_param_group(param_group)
-        try:
-            _check_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
+        add_checked_group(self, super().add_param_group, param_group, _check_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

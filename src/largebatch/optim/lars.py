@@ -31,6 +31,7 @@ from largebatch.optim import _triton
 from largebatch.optim._common import (
     IMPLEMENTATIONS,
     accumulation_dtype,
+    add_checked_group,
     adopt_peer_state,
     amp_scaling_supported,
     check_implementation,
@@ -169,12 +170,7 @@ class LARS(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, with the constructor's checks (a bad group is refused and not kept)."""
-        super().add_param_group(param_group)
-        try:
-            _check_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
+        add_checked_group(self, super().add_param_group, param_group, _check_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, except that the path (``implementation``, ``foreach``, ``fused``) stays the
