@@ -213,7 +213,7 @@ class Trainer:
         use, self.graphs_reason = graphs_decision(
             self.config.cuda_graphs, device=self.env.device, distributed=self.env.distributed,
             fp16=self.scaler.is_enabled(), optimizer=self.config.optim.name, input_bytes=input_bytes,
-            implementation="compiled" if self.config.optim.fused else self.config.optim.implementation,
+            implementation=self.config.optim.implementation,  # config folds optim.fused into it
         )
         if not use:
             return self._compute_step
