@@ -52,8 +52,8 @@ def small_tensors(device: torch.device) -> list[torch.Tensor]:
     return [torch.randn(4096, device=device) for _ in range(2000)]
 
 
-def make_variants(base: list[torch.Tensor], device: torch.device, full: bool) -> dict[str, torch.optim.Optimizer]:
-    """Optimizers over copies of ``base``, each with its own fixed gradients; the first is the baseline."""
+def parameter_copies(base: list[torch.Tensor]) -> Callable[[], list[torch.nn.Parameter]]:
+    """A maker of fresh parameter copies of ``base``, all with the same fixed gradients."""
     grads = [torch.randn_like(t) * 1e-3 for t in base]
 
     def params() -> list[torch.nn.Parameter]:
@@ -62,6 +62,12 @@ def make_variants(base: list[torch.Tensor], device: torch.device, full: bool) ->
             p.grad = g
         return ps
 
+    return params
+
+
+def make_variants(base: list[torch.Tensor], device: torch.device, full: bool) -> dict[str, torch.optim.Optimizer]:
+    """Optimizers over copies of ``base``, each with its own fixed gradients; the first is the baseline."""
+    params = parameter_copies(base)
     cuda = device.type == "cuda"
     sgd = dict(lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY)
     lars = dict(lr=0.1, weight_decay=WEIGHT_DECAY)
@@ -96,14 +102,7 @@ def make_variants(base: list[torch.Tensor], device: torch.device, full: bool) ->
 
 def make_lars_variants(base: list[torch.Tensor], device: torch.device) -> dict[str, torch.optim.Optimizer]:
     """torch's SGD (the baseline), then every published LARS variant on its default path."""
-    grads = [torch.randn_like(t) * 1e-3 for t in base]
-
-    def params() -> list[torch.nn.Parameter]:
-        ps = [torch.nn.Parameter(t.clone()) for t in base]
-        for p, g in zip(ps, grads, strict=True):
-            p.grad = g
-        return ps
-
+    params = parameter_copies(base)
     fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     variants: dict[str, torch.optim.Optimizer] = {
         f"torch SGD ({next(iter(fused))})": torch.optim.SGD(params(), lr=0.1, momentum=0.9,
