@@ -25,7 +25,8 @@ class DataSource:
 
     Attributes: ``num_train``, ``num_eval``, ``num_classes``, ``input_shape`` (C, H, W) as the
     model sees it, ``device``, ``seed``. Batches are ``(x, y)``: x float32 normalised on
-    ``device``, y int64 class indices on ``device``.
+    ``device``, y int64 class indices on ``device``. ``eval_unavailable``: why there are no
+    evaluation examples (e.g. a missing folder), or None.
 
     Subclasses implement :meth:`_train_micro` and :meth:`_eval_range` (in-memory sources) or
     override the iterators themselves (loader-driven sources).
@@ -37,6 +38,7 @@ class DataSource:
     input_shape: tuple[int, int, int]
     device: torch.device
     seed: int
+    eval_unavailable: str | None = None  # why num_eval is 0, where the source can say (one line)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         """floor(num_train / global_batch): the last partial global batch is dropped."""

@@ -260,7 +260,10 @@ class ImageFolderSource(DataSource):
         self.image_size, self.resize, self.crop_scale, self.decode = image_size, resize, crop_scale, decode
         classes, self.class_to_idx = _classes(os.path.join(root, "train"))
         self.train_samples = _listing(os.path.join(root, "train"), self.class_to_idx, every_class=True)
-        self.eval_samples = _listing(os.path.join(root, "val"), self.class_to_idx)
+        val_dir = os.path.join(root, "val")
+        # without val/ there is nothing to evaluate; the trainer refuses that only when it evaluates
+        self.eval_unavailable = None if os.path.isdir(val_dir) else f"imagefolder: no directory {val_dir}"
+        self.eval_samples = [] if self.eval_unavailable else _listing(val_dir, self.class_to_idx)
         self.classes = classes
         self.num_train, self.num_eval, self.num_classes = len(self.train_samples), len(self.eval_samples), len(classes)
         self.input_shape = (3, image_size, image_size)
@@ -281,7 +284,8 @@ class ImageFolderSource(DataSource):
             self._loaders[name] = (loader, sampler, data)
 
         make("train", self.train_samples, augment)
-        make("eval", self.eval_samples, False)
+        if self.eval_samples:
+            make("eval", self.eval_samples, False)
 
     def _decode_on_device(self, images: _Images, raw: tuple) -> Tensor:
         """The micro-batch's uint8 crops on the device: JPEG bytes decoded and cropped there,
@@ -323,6 +327,8 @@ class ImageFolderSource(DataSource):
 
     def _run(self, name: str, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """Feed ``batches`` through a loader; yield (uint8 x on the device, y, keep-mask or None)."""
+        if not batches:  # nothing to read (no val/, or a rank past the data): start no workers
+            return
         loader, sampler, images = self._loaders[name]
         sampler.batches = batches
         with _workers_born_deaf_to_sigterm():  # persistent workers start here, on the first call
@@ -473,7 +479,7 @@ def imagefolder(
     ``decode``: "auto", "cpu" (Pillow in workers), "device" (batches decoded on the run's
     device) or "gpu" (the same, refused unless the device is a GPU that can)."""
     if root is None:
-        raise DataError("imagefolder needs a root directory holding train/ and val/")
+        raise DataError("imagefolder needs a root directory holding train/ and val/ (val/ only when evaluating)")
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"imagefolder: directory not found: {root}")
