@@ -16,12 +16,11 @@ from pathlib import Path
 
 from largebatch.cli import positive
 from largebatch.errors import first_line
+from largebatch.imagenet_stats import IMAGENET_TRAIN
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
 __all__ = ["add_bench_parser", "add_plan_parser", "parse_processes", "run_bench", "run_plan"]
-
-IMAGENET_TRAIN = 1_281_167
 
 
 def parse_processes(spec: str) -> list[int]:
