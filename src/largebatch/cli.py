@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Any]:
     """Sub-commands that live with their own package (each sets ``args.run``)."""
-    from largebatch.plan.cli import add_bench_parser, add_plan_parser
+    from largebatch.plan.cli import add_calibration_parser, add_plan_parser
     from largebatch.study.command import register as register_sweep
 
-    return [register_sweep, add_plan_parser, add_bench_parser]
+    return [register_sweep, add_plan_parser, add_calibration_parser]
 
 
 def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:

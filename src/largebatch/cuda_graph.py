@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from largebatch.config import ConfigError
+from largebatch.data.base import Batch
 from largebatch.optimizer_table import OPTIMIZER_TABLE
 
-Batch = tuple[Tensor, Tensor]
 StepFn = Callable[[Sequence[Batch]], tuple[Tensor, Tensor]]
 
 WARMUP_STEPS = 3

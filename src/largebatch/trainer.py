@@ -152,8 +152,8 @@ class Trainer:
             raise ConfigError(f"the {config.data.name} data has {self.data.num_classes} class(es); "
                               "a classifier needs at least 2")
         if self.data.num_eval == 0 and config.eval_every:
-            raise ConfigError(f"the {config.data.name} data has no evaluation examples (num_eval=0); "
-                              "set eval_every=0 to train without evaluation")
+            why = self.data.eval_unavailable or f"the {config.data.name} data has no evaluation examples (num_eval=0)"
+            raise ConfigError(f"{why}; set eval_every=0 to train without evaluation")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedule = build_schedule(config, self.steps_per_epoch)
 

@@ -36,6 +36,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torchvision.transforms.functional as TF
@@ -56,8 +57,8 @@ from largebatch.data.batch_decode import (
     train_crop,
 )
 from largebatch.data.memory import Normalize
-from largebatch.data.order import epoch_permutation, eval_shard, plan_steps, step_generator
-from largebatch.data.synthetic import IMAGENET_MEAN, IMAGENET_STD
+from largebatch.data.order import step_generator
+from largebatch.imagenet_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "DECODE_CHOICES",
@@ -74,9 +75,27 @@ MAX_REPLACEMENTS = 32  # consecutive unreadable files tolerated when replacing o
 DECODE_CHOICES = ("auto", "cpu", "device", "gpu")
 DEFAULT_CROP_SCALE = (0.08, 1.0)
 
-# one loaded item: (uint8 crop, or 1-D JPEG bytes when encoded; encoded; label or -1; seed or None;
-# index in the listing actually used; [(path, error)] of unreadable files met on the way)
-_Item = tuple[Tensor, bool, int, "int | None", int, list[tuple[str, str]]]
+
+class _Item(NamedTuple):
+    """One image as a loader worker hands it over."""
+
+    payload: Tensor  # the uint8 crop, or the file's bytes (1-D uint8) when encoded
+    encoded: bool  # payload is a complete JPEG, left for the device to decode
+    label: int  # -1 when no readable file was found
+    seed: int | None  # the crop-and-flip seed (training), None in evaluation
+    index: int  # index in the listing of the file actually used
+    bad: list[tuple[str, str]]  # (path, error) of each unreadable file met on the way
+
+
+class _MicroBatch(NamedTuple):
+    """A micro-batch of items as the loader delivers it (:func:`_collate`)."""
+
+    payloads: list[Tensor] | Tensor  # crops stacked into one tensor, or a list when any is JPEG bytes
+    encoded: list[bool]
+    labels: Tensor  # int64, -1 where no readable file was found
+    seeds: list[int | None]
+    indices: list[int]
+    bad: list[tuple[str, str]]
 
 
 def _describe(err: BaseException) -> str:
@@ -175,10 +194,10 @@ class _Images(Dataset):
             path, label = self.samples[j]
             try:
                 payload, is_jpeg = self._read(path, seed, encoded)
-                return payload, is_jpeg, label, seed, j, bad
+                return _Item(payload, is_jpeg, label, seed, j, bad)
             except Exception as err:  # any decoder failure is reported, never fatal to the worker
                 bad.append((path, _describe(err)))
-        return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, -1, seed, index, bad
+        return _Item(torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, -1, seed, index, bad)
 
     def __getitem__(self, item: tuple[int, int] | int) -> _Item:
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -186,21 +205,18 @@ class _Images(Dataset):
         return self.first_readable(index, seed, self.encoded, tries)
 
 
-_Collated = tuple["list[Tensor] | Tensor", list[bool], Tensor, list, list[int], list[tuple[str, str]]]
-
-
-def _collate(items: list[_Item]) -> _Collated:
+def _collate(items: list[_Item]) -> _MicroBatch:
     """A micro-batch from its items. When every item is a finished crop they are stacked here, in
     the worker, so the loader's pin-memory thread pins the batch itself and the main thread copies it
     to the device asynchronously (stacked there, it would be one more copy, into pageable memory, and
     a copy to the GPU that waits). JPEG bytes stay a list: they are decoded on the device."""
-    encoded = [it[1] for it in items]
-    payloads: list[Tensor] | Tensor = [it[0] for it in items]
+    encoded = [it.encoded for it in items]
+    payloads: list[Tensor] | Tensor = [it.payload for it in items]
     if not any(encoded):
         payloads = torch.stack(payloads)
-    y = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    bad = [b for it in items for b in it[5]]
-    return payloads, encoded, y, [it[3] for it in items], [it[4] for it in items], bad
+    labels = torch.tensor([it.label for it in items], dtype=torch.int64)
+    bad = [b for it in items for b in it.bad]
+    return _MicroBatch(payloads, encoded, labels, [it.seed for it in items], [it.index for it in items], bad)
 
 
 def _loader_error(root: str, err: Exception) -> Exception:
@@ -260,7 +276,10 @@ class ImageFolderSource(DataSource):
         self.image_size, self.resize, self.crop_scale, self.decode = image_size, resize, crop_scale, decode
         classes, self.class_to_idx = _classes(os.path.join(root, "train"))
         self.train_samples = _listing(os.path.join(root, "train"), self.class_to_idx, every_class=True)
-        self.eval_samples = _listing(os.path.join(root, "val"), self.class_to_idx)
+        val_dir = os.path.join(root, "val")
+        # without val/ there is nothing to evaluate; the trainer refuses that only when it evaluates
+        self.eval_unavailable = None if os.path.isdir(val_dir) else f"imagefolder: no directory {val_dir}"
+        self.eval_samples = [] if self.eval_unavailable else _listing(val_dir, self.class_to_idx)
         self.classes = classes
         self.num_train, self.num_eval, self.num_classes = len(self.train_samples), len(self.eval_samples), len(classes)
         self.input_shape = (3, image_size, image_size)
@@ -281,15 +300,16 @@ class ImageFolderSource(DataSource):
             self._loaders[name] = (loader, sampler, data)
 
         make("train", self.train_samples, augment)
-        make("eval", self.eval_samples, False)
+        if self.eval_samples:
+            make("eval", self.eval_samples, False)
 
-    def _decode_on_device(self, images: _Images, raw: tuple) -> Tensor:
+    def _decode_on_device(self, images: _Images, raw: _MicroBatch) -> Tensor:
         """The micro-batch's uint8 crops on the device: JPEG bytes decoded and cropped there,
         Pillow crops copied over. A JPEG the device cannot decode gets a second chance with
         Pillow; if that fails too it joins ``bad`` (and, in training with "skip", is replaced
         by the next readable file, as a worker would have done)."""
-        payloads, encoded, y, seeds, indices, bad = raw
-        jpeg_slots = [i for i, e in enumerate(encoded) if e]
+        payloads, seeds, indices, bad = raw.payloads, raw.seeds, raw.indices, raw.bad
+        jpeg_slots = [i for i, e in enumerate(raw.encoded) if e]
         decoded = decode_jpegs([payloads[i] for i in jpeg_slots], self.device)
         ok_slots, ok_images = [], []
         for i, img in zip(jpeg_slots, decoded, strict=True):
@@ -304,9 +324,10 @@ class ImageFolderSource(DataSource):
             except Exception as err:
                 bad.append((path, _describe(err)))
             tries = MAX_REPLACEMENTS if (images.train and self.skip) else 0
-            payloads[i], _, label, _, _, more = images.first_readable(indices[i] + 1, seeds[i], False, tries)
-            bad.extend(more)
-            y[i] = label if tries else -1
+            replacement = images.first_readable(indices[i] + 1, seeds[i], False, tries)
+            payloads[i] = replacement.payload
+            bad.extend(replacement.bad)
+            raw.labels[i] = replacement.label if tries else -1
         if ok_images:
             if images.train:
                 crops = [train_crop(img.shape[2], img.shape[1], seeds[i], self.crop_scale)
@@ -323,6 +344,8 @@ class ImageFolderSource(DataSource):
 
     def _run(self, name: str, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """Feed ``batches`` through a loader; yield (uint8 x on the device, y, keep-mask or None)."""
+        if not batches:  # nothing to read (no val/, or a rank past the data): start no workers
+            return
         loader, sampler, images = self._loaders[name]
         sampler.batches = batches
         with _workers_born_deaf_to_sigterm():  # persistent workers start here, on the first call
@@ -334,11 +357,11 @@ class ImageFolderSource(DataSource):
                 return
             except Exception as err:
                 raise _loader_error(self.root, err) from None
-            payloads, encoded, y, _, _, bad = raw
-            if any(encoded):
+            bad, y = raw.bad, raw.labels
+            if any(raw.encoded):
                 x = self._decode_on_device(images, raw)
             else:  # stacked (and pinned) by the loader
-                x = payloads.to(self.device, non_blocking=True)
+                x = raw.payloads.to(self.device, non_blocking=True)
             keep = None
             if bad:
                 if not self.skip:
@@ -355,36 +378,35 @@ class ImageFolderSource(DataSource):
                     keep = (y >= 0).to(self.device)
             yield x, y.to(self.device, non_blocking=True), keep
 
+    def _begin_step(self, epoch: int, step: int, global_batch: int) -> Tensor | None:
+        """One crop-and-flip seed per example of the global batch (None without augmentation)."""
+        if not self.augment:
+            return None
+        return torch.randint(0, 2**62, (global_batch,), generator=step_generator(self.seed, epoch, step))
+
     def train_batches(
         self, epoch: int, global_batch: int, micro_batch: int, rank: int, world: int, start_step: int = 0
     ) -> Iterator[list[Batch]]:
-        plan, steps = plan_steps(self.num_train, global_batch, micro_batch, rank, world, start_step)
-        perm = epoch_permutation(self.num_train, self.seed, epoch)
-        batches: list[list] = []
-        for step in range(start_step, steps):
-            base = step * global_batch
-            seeds = None
-            if self.augment:
-                seeds = torch.randint(0, 2**62, (global_batch,), generator=step_generator(self.seed, epoch, step))
-            for a, b in plan.micro_positions():
-                idx = perm[base + a : base + b].tolist()
-                if seeds is None:
-                    batches.append(idx)
-                else:
-                    batches.append(list(zip(idx, seeds[a:b].tolist(), strict=True)))
-        micro: list[Batch] = []
-        for x, y, _ in self._run("train", batches):
-            micro.append((self.normalize(x), y))
-            if len(micro) == plan.accumulation:
-                yield micro
-                micro = []
+        """The base class's order, with the epoch's micro-batches queued at once so that the
+        workers read ahead across step boundaries."""
+        requests: list[list] = []
+        per_step = 0
+        for seeds, micro in self._train_steps(epoch, global_batch, micro_batch, rank, world, start_step):
+            per_step = len(micro)
+            for indices, positions in micro:
+                idx = indices.tolist()
+                requests.append(idx if seeds is None else list(zip(idx, seeds[positions].tolist(), strict=True)))
+        step: list[Batch] = []
+        for x, y, _ in self._run("train", requests):
+            step.append((self.normalize(x), y))
+            if len(step) == per_step:
+                yield step
+                step = []
 
     def eval_batches(self, batch: int, rank: int, world: int) -> Iterator[Batch]:
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"eval batch must be a positive integer, got {batch!r}")
-        start, stop = eval_shard(self.num_eval, rank, world)
-        batches = [list(range(a, min(a + batch, stop))) for a in range(start, stop, batch)]
-        for x, y, keep in self._run("eval", batches):
+        """The base class's shard and batches, queued at once; unreadable images left out (skip)."""
+        requests = [list(range(a, b)) for a, b in self._eval_ranges(batch, rank, world)]
+        for x, y, keep in self._run("eval", requests):
             if keep is not None:
                 x, y = x[keep], y[keep]
                 if not len(y):
@@ -473,7 +495,7 @@ def imagefolder(
     ``decode``: "auto", "cpu" (Pillow in workers), "device" (batches decoded on the run's
     device) or "gpu" (the same, refused unless the device is a GPU that can)."""
     if root is None:
-        raise DataError("imagefolder needs a root directory holding train/ and val/")
+        raise DataError("imagefolder needs a root directory holding train/ and val/ (val/ only when evaluating)")
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"imagefolder: directory not found: {root}")

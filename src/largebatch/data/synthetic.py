@@ -15,26 +15,14 @@ from largebatch.data.augment import CropFlip
 from largebatch.data.base import DataError
 from largebatch.data.memory import InMemorySource, Normalize
 from largebatch.data.order import mix_seed
+from largebatch.imagenet_stats import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = [
-    "DEFAULT_EVAL",
-    "DEFAULT_TRAIN",
-    "IMAGENET_EVAL",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMAGENET_TRAIN",
-    "SyntheticSource",
-    "synthetic",
-]
+__all__ = ["DEFAULT_EVAL", "DEFAULT_TRAIN", "SyntheticSource", "synthetic"]
 
-IMAGENET_TRAIN = 1_281_167
-IMAGENET_EVAL = 50_000
 # a modest default: 8 steps of 8192 per epoch, so a first run ends in minutes, not hours;
-# num_train=IMAGENET_TRAIN gives ImageNet-length epochs
+# num_train=IMAGENET_TRAIN (largebatch.imagenet_stats) gives ImageNet-length epochs
 DEFAULT_TRAIN = 65_536
 DEFAULT_EVAL = 10_000
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SyntheticSource(InMemorySource):

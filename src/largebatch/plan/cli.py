@@ -1,4 +1,8 @@
-"""`largebatch plan` and `largebatch bench`: argument parsers and what they run.
+"""`largebatch plan` and `largebatch bench`: argument parsers and one handler per command.
+
+`largebatch bench comm|compute` calibrates the planner (:mod:`.calibrate`): it measures this
+machine and writes the figures into a hardware file. The project's own speed measurements are
+elsewhere, in benchmarks/.
 
 Kept free of heavy imports at module level (torch, matplotlib) so that `largebatch --help` stays
 fast; each run function imports what it needs. Errors a user can fix raise PlanError, which the
@@ -16,12 +20,14 @@ from pathlib import Path
 
 from largebatch.cli import positive
 from largebatch.errors import first_line
+from largebatch.imagenet_stats import IMAGENET_TRAIN
 from largebatch.plan.costs import ALGORITHMS, HIERARCHICAL
 from largebatch.plan.errors import PlanError
 
-__all__ = ["add_bench_parser", "add_plan_parser", "parse_processes", "run_bench", "run_plan"]
-
-IMAGENET_TRAIN = 1_281_167
+__all__ = [
+    "add_calibration_parser", "add_plan_parser", "parse_processes", "run_calibrate_comm", "run_calibrate_compute",
+    "run_plan",
+]
 
 
 def parse_processes(spec: str) -> list[int]:
@@ -178,7 +184,7 @@ def run_plan(args) -> int:
         table(preds),
     ]
     if args.allreduce_table:
-        from largebatch.plan.bench import default_sizes
+        from largebatch.plan.calibrate import default_sizes
 
         big = procs[-1]
         lines += ["", f"All-reduce at {big} processes:", "", allreduce_table(big, default_sizes(), hw.links)]
@@ -198,7 +204,8 @@ def run_plan(args) -> int:
     return 0
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+def add_calibration_parser(subparsers) -> argparse.ArgumentParser:
+    """The `bench` command (its name kept for users' scripts): calibration of the planner."""
     p = subparsers.add_parser("bench", help="calibrate the planner: all-reduce times, training throughput")
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     sub.required = True
@@ -214,7 +221,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="closed form to fit (default ring: gloo's CPU all-reduce; NCCL uses ring or tree)")
     c.add_argument("--yaml", help="write or update this hardware YAML with the fitted network")
     c.add_argument("--name", help="hardware name when --yaml creates a new file")
-    c.set_defaults(run=run_bench)
+    c.set_defaults(run=run_calibrate_comm)
     m = sub.add_parser("compute", help="measure training images/s of MODEL (forward, backward, SGD step); "
                        "on the GPU when there is one")
     m.add_argument("model", help="a largebatch.models name, else a torchvision model name")
@@ -230,12 +237,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=positive(int), default=1000)
     m.add_argument("--yaml", help="write or update this hardware YAML with compute.images_per_s[MODEL]")
     m.add_argument("--name", help="hardware name when --yaml creates a new file")
-    m.set_defaults(run=run_bench)
+    m.set_defaults(run=run_calibrate_compute)
     return p
 
 
 def _check_yaml_target(path: str) -> None:
-    """A --yaml that bench can update: a new file in a directory that exists, or a hardware YAML."""
+    """A --yaml that calibration can update: a new file in a directory that exists, or a hardware YAML."""
     import yaml
 
     from largebatch.yaml_numbers import load_yaml
@@ -292,65 +299,79 @@ def _update_yaml(path: str, name: str | None, section: str, values: dict, source
     print(f"updated {file}", file=sys.stderr)
 
 
-def run_bench(args) -> int:
-    from largebatch.plan import bench
+def _start_calibration(args) -> str:
+    """Check --yaml before minutes of measuring, not after; return the provenance of what is
+    measured next (date, and the load average: other work on the machine slows every measurement)."""
+    if args.yaml:
+        _check_yaml_target(args.yaml)
+    load = os.getloadavg()[0]
+    return f"{datetime.date.today().isoformat()}, 1-min load average {load:.2f} on {os.cpu_count()} cores"
+
+
+def run_calibrate_comm(args) -> int:
+    """`largebatch bench comm`: time all-reduces among local processes, fit alpha, beta, gamma."""
+    from largebatch.plan import calibrate
     from largebatch.plan.costs import allreduce_time
 
-    # other work on the machine slows every measurement: the load average goes into the source line
-    load = os.getloadavg()[0]
-    today = f"{datetime.date.today().isoformat()}, 1-min load average {load:.2f} on {os.cpu_count()} cores"
-    if args.yaml:
-        _check_yaml_target(args.yaml)  # before minutes of measuring, not after
-    if args.bench_command == "comm":
-        smallest, largest = bench.parse_size(args.min_size), bench.parse_size(args.max_size)
-        if smallest > largest:
-            raise PlanError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
-        sizes = bench.default_sizes(smallest, largest)
-        lo = bench.parse_size(args.fit_min_size) if args.fit_min_size else 0
-        if sum(n >= lo for n in sizes) < 2:
-            raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
-        gamma = bench.measure_gamma()
-        backend, sizes, times = bench.bench_comm(args.processes, sizes, args.reps, args.backend)
-        used = [(n, t) for n, t in zip(sizes, times, strict=True) if n >= lo]
-        net = bench.fit_network([n for n, _ in used], [t for _, t in used], args.processes, args.algorithm,
+    today = _start_calibration(args)
+    smallest, largest = calibrate.parse_size(args.min_size), calibrate.parse_size(args.max_size)
+    if smallest > largest:
+        raise PlanError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+    sizes = calibrate.default_sizes(smallest, largest)
+    lo = calibrate.parse_size(args.fit_min_size) if args.fit_min_size else 0
+    if sum(n >= lo for n in sizes) < 2:
+        raise PlanError(f"--fit-min-size {args.fit_min_size} leaves fewer than two sizes to fit")
+    gamma = calibrate.measure_gamma()
+    backend, sizes, times = calibrate.measure_allreduce(args.processes, sizes, args.reps, args.backend)
+    used = [(n, t) for n, t in zip(sizes, times, strict=True) if n >= lo]
+    net = calibrate.fit_network([n for n, _ in used], [t for _, t in used], args.processes, args.algorithm,
                                 gamma).network
-        models = [allreduce_time(args.algorithm, args.processes, n, net) for n in sizes]
-        errors = [m / t - 1 for m, t in zip(models, times, strict=True)]
-        worst = max(abs(e) for e in errors)
-        print(f"all-reduce, {args.processes} processes, {backend}, fitted as {args.algorithm}:")
-        print("| bytes | measured | model | GB/s (n / t) | model error |")
-        print("|---|---|---|---|---|")
-        for n, t, m, e in zip(sizes, times, models, errors, strict=True):
-            print(f"| {n} | {t * 1e3:.3f} ms | {m * 1e3:.3f} ms | {n / t / 1e9:.2f} | {e:+.0%} |")
-        print(f"alpha = {net.alpha:.3g} s, beta = {net.beta:.3g} s/B ({1 / net.beta / 1e9:.2f} GB/s), "
-              f"gamma = {net.gamma:.3g} s/B (local a += b), largest model error {worst:.0%}")
-        if args.yaml:
-            cmd = (f"largebatch bench comm --processes {args.processes} --min-size {args.min_size} "
-                   f"--max-size {args.max_size}" + (f" --fit-min-size {args.fit_min_size}" if lo else ""))
-            _update_yaml(args.yaml, args.name, "network",
-                         {"alpha": float(f"{net.alpha:.4g}"), "beta": float(f"{net.beta:.4g}"),
-                          "gamma": float(f"{net.gamma:.4g}"), "algorithm": args.algorithm,
-                          "processes": args.processes},
-                         f"network: `{cmd}` ({backend}, {today}); weighted least squares on the {args.algorithm} "
-                         f"form; gamma from a timed local a += b; largest model error {worst:.0%}")
-        return 0
-    batches = bench.parse_batches(args.batch)
+    models = [allreduce_time(args.algorithm, args.processes, n, net) for n in sizes]
+    errors = [m / t - 1 for m, t in zip(models, times, strict=True)]
+    worst = max(abs(e) for e in errors)
+    print(f"all-reduce, {args.processes} processes, {backend}, fitted as {args.algorithm}:")
+    print("| bytes | measured | model | GB/s (n / t) | model error |")
+    print("|---|---|---|---|---|")
+    for n, t, m, e in zip(sizes, times, models, errors, strict=True):
+        print(f"| {n} | {t * 1e3:.3f} ms | {m * 1e3:.3f} ms | {n / t / 1e9:.2f} | {e:+.0%} |")
+    print(f"alpha = {net.alpha:.3g} s, beta = {net.beta:.3g} s/B ({1 / net.beta / 1e9:.2f} GB/s), "
+          f"gamma = {net.gamma:.3g} s/B (local a += b), largest model error {worst:.0%}")
+    if args.yaml:
+        cmd = (f"largebatch bench comm --processes {args.processes} --min-size {args.min_size} "
+               f"--max-size {args.max_size}" + (f" --fit-min-size {args.fit_min_size}" if lo else ""))
+        _update_yaml(args.yaml, args.name, "network",
+                     {"alpha": float(f"{net.alpha:.4g}"), "beta": float(f"{net.beta:.4g}"),
+                      "gamma": float(f"{net.gamma:.4g}"), "algorithm": args.algorithm,
+                      "processes": args.processes},
+                     f"network: `{cmd}` ({backend}, {today}); weighted least squares on the {args.algorithm} "
+                     f"form; gamma from a timed local a += b; largest model error {worst:.0%}")
+    return 0
+
+
+def run_calibrate_compute(args) -> int:
+    """`largebatch bench compute`: time training steps of a model; one batch gives images/s,
+    several fit step time = fixed + batch x per image."""
+    from largebatch.plan import calibrate
+
+    today = _start_calibration(args)
+    batches = calibrate.parse_batches(args.batch)
     if args.steps < 1:
         raise PlanError(f"--steps must be >= 1, got {args.steps}")
     if args.processes < 1:
         raise PlanError(f"--processes must be >= 1, got {args.processes}")
-    model, shape = bench.resolve_bench_model(args.model, args.num_classes, args.image_size)
-    device = bench.bench_device()
+    model, shape = calibrate.resolve_model(args.model, args.num_classes, args.image_size)
+    device = calibrate.calibration_device()
     model = model.to(device)
-    where = f"{device.type}" + (f" ({bench.device_name(device)}, bf16 autocast, channels_last)" if device.type == "cuda"
-                                else "")
+    where = f"{device.type}" + (f" ({calibrate.device_name(device)}, bf16 autocast, channels_last)"
+                                if device.type == "cuda" else "")
     steps = []
     for batch in batches:
         if args.processes == 1:
-            step = bench.measure_compute(model, shape, batch, args.steps, args.warmup, args.threads, args.num_classes)
+            step = calibrate.measure_compute(model, shape, batch, args.steps, args.warmup, args.threads,
+                                             args.num_classes)
         else:
-            step = bench.measure_compute_concurrent(args.model, args.processes, batch, args.steps, args.warmup,
-                                                    args.threads, args.num_classes, args.image_size)
+            step = calibrate.measure_compute_concurrent(args.model, args.processes, batch, args.steps, args.warmup,
+                                                        args.threads, args.num_classes, args.image_size)
         steps.append(step)
         print(f"{args.model}: batch {batch}, input {'x'.join(map(str, shape))}, {args.processes} process(es) at "
               f"once on {where}, median step {step * 1e3:.2f} ms, {batch / step:.1f} images/s per process")
@@ -364,7 +385,7 @@ def run_bench(args) -> int:
                          f"compute.images_per_s.{args.model}: `{cmd}` on {where} ({today}), "
                          f"median of {args.steps} steps")
         return 0
-    fit, residuals = bench.fit_step_time(batches, steps)
+    fit, residuals = calibrate.fit_step_time(batches, steps)
     worst = max(abs(r) for r in residuals)
     print(f"step time = {fit.fixed_s * 1e3:.3f} ms + batch x {fit.per_image_s * 1e6:.2f} us "
           f"(least squares; largest model error {worst:.0%})")

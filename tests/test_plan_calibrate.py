@@ -3,7 +3,7 @@
 import pytest
 
 from largebatch.cli import main
-from largebatch.plan.bench import default_sizes, fit_network, parse_size
+from largebatch.plan.calibrate import default_sizes, fit_network, parse_size
 from largebatch.plan.cli import parse_processes
 from largebatch.plan.costs import Network, allreduce_time
 from largebatch.plan.errors import PlanError
@@ -120,7 +120,7 @@ def test_plan_grad_dtype_halves_the_gradient_bytes(capsys):
 
 
 def test_step_time_fit_recovers_a_line_and_reports_residuals():
-    from largebatch.plan.bench import fit_step_time
+    from largebatch.plan.calibrate import fit_step_time
 
     batches = [16, 32, 64, 256]
     fit, residuals = fit_step_time(batches, [0.004 + b * 2e-4 for b in batches])
@@ -146,3 +146,29 @@ def test_bench_compute_with_a_batch_list_writes_a_step_time_fit(tmp_path, capsys
     assert fit.batches == (4, 2048) and fit.per_image_s > 0 and fit.fixed_s >= 0
     assert any(s.startswith("compute.step_time.mlp: `largebatch bench compute mlp --batch 4,2048 --threads 1`")
                for s in load_hardware(yaml_path).sources)
+
+
+def test_bench_comm_fits_the_network_its_timings_came_from_and_writes_it(tmp_path, capsys, monkeypatch):
+    """The comm handler end to end, with the timings of a known network standing in for the
+    spawned processes: the file it writes holds that network, with the command as its source."""
+    from largebatch.plan import calibrate
+    from largebatch.plan.hardware import load_hardware
+
+    true = Network(alpha=3e-5, beta=4e-10, gamma=2e-11)
+
+    def timed(processes, sizes, reps, backend):
+        return "gloo", list(sizes), [allreduce_time("ring", processes, n, true) for n in sizes]
+
+    monkeypatch.setattr(calibrate, "measure_gamma", lambda: true.gamma)
+    monkeypatch.setattr(calibrate, "measure_allreduce", timed)
+    yaml_path = tmp_path / "hw.yaml"
+    yaml_path.write_text("name: mine\ncompute: {images_per_s: {mlp: 100.0}}\n")
+    assert main(["bench", "comm", "--processes", "4", "--min-size", "4K", "--max-size", "64M",
+                 "--yaml", str(yaml_path)]) == 0
+    assert "fitted as ring" in capsys.readouterr().out
+    hw = load_hardware(yaml_path)
+    assert hw.name == "mine" and hw.algorithm == "ring" and hw.images_per_s == {"mlp": 100.0}
+    assert (hw.network.alpha, hw.network.beta, hw.network.gamma) == pytest.approx(
+        (true.alpha, true.beta, true.gamma), rel=1e-3)  # the file keeps 4 significant digits
+    assert any(s.startswith("network: `largebatch bench comm --processes 4 --min-size 4K --max-size 64M`")
+               for s in hw.sources)

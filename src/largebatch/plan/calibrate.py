@@ -1,6 +1,9 @@
-"""Calibration: measure all-reduce times and training throughput, fit the cost model's constants.
+"""Calibration of the planner (the `largebatch bench` command): measure all-reduce times and
+training throughput on this machine, and fit the cost model's constants to them.
 
-``bench_comm`` spawns local processes (torch.multiprocessing, gloo on CPU or NCCL on CUDA) that
+(The project's own speed measurements live in benchmarks/, not here.)
+
+``measure_allreduce`` spawns local processes (torch.multiprocessing, gloo on CPU or NCCL on CUDA) that
 rendezvous on a free port of 127.0.0.1 only, times all-reduces over a range of sizes, and
 ``fit_network`` recovers alpha and beta by weighted least squares on the chosen algorithm's
 closed form. gamma cannot be separated from beta with one process count (both multiply n), so
@@ -27,18 +30,18 @@ from largebatch.plan.hardware import StepTime
 
 __all__ = [
     "CommFit",
-    "bench_comm",
-    "bench_device",
+    "calibration_device",
     "default_sizes",
     "device_name",
     "fit_network",
     "fit_step_time",
+    "measure_allreduce",
     "measure_compute",
     "measure_compute_concurrent",
     "measure_gamma",
     "parse_batches",
     "parse_size",
-    "resolve_bench_model",
+    "resolve_model",
 ]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
@@ -115,7 +118,7 @@ def _comm_worker(rank: int, world: int, port: int, backend: str, sizes: list[int
         dist.destroy_process_group()
 
 
-def bench_comm(processes: int = 2, sizes: Sequence[int] | None = None, reps: int | None = None,
+def measure_allreduce(processes: int = 2, sizes: Sequence[int] | None = None, reps: int | None = None,
                backend: str = "auto") -> tuple[str, list[int], list[float]]:
     """Median all-reduce seconds per size among local processes; returns (backend, sizes, times)."""
     import torch
@@ -228,7 +231,7 @@ def fit_step_time(batches: Sequence[int], times: Sequence[float]) -> tuple[StepT
     return fit, [fit.seconds(x) / y - 1.0 for x, y in zip(b, t, strict=True)]
 
 
-def resolve_bench_model(name: str, num_classes: int = 1000, image_size: int | None = None):
+def resolve_model(name: str, num_classes: int = 1000, image_size: int | None = None):
     """(model, input shape): from largebatch.models when it knows the name, else torchvision."""
     from largebatch import models
 
@@ -250,7 +253,7 @@ def _compute_worker(rank: int, name: str, num_classes: int, image_size: int | No
     import torch
 
     torch.set_num_threads(threads)
-    model, shape = resolve_bench_model(name, num_classes, image_size)
+    model, shape = resolve_model(name, num_classes, image_size)
     if torch.cuda.is_available():  # one GPU per copy, as one process per GPU in a job
         model = model.to(torch.device("cuda", rank % torch.cuda.device_count()))
     barrier.wait()  # all copies build first, then run their steps at the same time
@@ -275,7 +278,7 @@ def measure_compute_concurrent(name: str, processes: int, batch: int, steps: int
     return max(queue.get() for _ in range(processes))
 
 
-def bench_device():
+def calibration_device():
     """The first GPU when there is one (a process per GPU is what the planner describes), else the CPU."""
     import torch
 
