@@ -221,16 +221,16 @@ def test_srun_with_a_task_count_that_does_not_split_the_batch_is_refused(tmp_pat
 @pytestmark_real
 def test_a_job_reaching_its_time_limit_is_warned_checkpoints_requeues_and_ends_bit_identical(tmp_path, slurm, straight):
     """A 1-minute limit with the warning 55 s ahead: Slurm sends it within the minute (its timer has a
-    resolution of up to a minute); the run waits at step 5 for it, so no step count depends on when.
-    The requeued job has the same limit, so on a slow machine it may be warned again before it ends:
-    every warning must then be one checkpoint, one requeue and one exact resume."""
+    resolution of up to a minute); a run that reaches step 5 waits there for it. On a loaded machine the
+    warning may come sooner (at step 1), and the requeued job, which keeps the limit, may be warned again:
+    every warning must be one checkpoint, one requeue and one exact resume, and some run stops at step 5."""
     run, marker = tmp_path / "run", tmp_path / "paused"
     job = submit(slurm, tmp_path, run, "--time=1", "--signal=B:USR1@55", pause=f"step:5:0:{marker}")
     assert finish(slurm, job, timeout=400) == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
     log = (tmp_path / "job.out").read_text()
     stops = re.findall(r"stopped by SIGUSR1 \(the scheduler's warning\); checkpoint written at step (\d+)", log)
     resumes = re.findall(r"resumed from \S+ at step (\d+)", log)
-    assert stops[:1] == ["5"], log[-3000:]
-    assert resumes == stops, log[-3000:]
+    assert "5" in stops and resumes == stops, log[-3000:]
+    assert [int(step) for step in stops] == sorted(int(step) for step in stops), log[-3000:]
     assert slurm.job_field(job, "Restarts") == str(len(stops))
     assert same_weights(weights(newest(run)), weights(newest(straight)))
