@@ -248,6 +248,7 @@ class RunDir:
         self._before: set[str] = set()  # entries that were there before this run
         self._replacing = False  # the old run is in REPLACED until the first step
         self._identity: tuple[int, int] | None = None  # (device, inode) of the directory opened
+        self._checkpoints_at_open: dict[str, tuple[int, int]] = {}  # name -> (inode, mtime) once opened
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -286,6 +287,7 @@ class RunDir:
             self._identity = (info.st_dev, info.st_ino)
             seen = self._observe(resume, overwrite)
             path = self._carry_out(decide(resume, overwrite, seen))
+            self._checkpoints_at_open = self._checkpoint_identities()
         except OSError as err:
             self.close(discard=True)
             raise RunDirError(f"cannot write the run directory {self.path}: {err.strerror or err}") from None
@@ -461,6 +463,20 @@ class RunDir:
             pass
         lock = self._lock.where()
         return lock.parent if lock is not None else None
+
+    def _checkpoint_identities(self) -> dict[str, tuple[int, int]]:
+        found = {}
+        for path in self._checkpoint_files():
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                found[path.name] = (info.st_ino, info.st_mtime_ns)
+        return found
+
+    def wrote_checkpoint(self) -> bool:
+        """Whether this run wrote a checkpoint (a step's or best.pt) since it opened the directory
+        (rank 0; each write is a new file renamed into place). A run that fails on a user error
+        before its first one has nothing to continue from, and takes away what it created."""
+        return self.is_main and self._checkpoint_identities().items() - self._checkpoints_at_open.items() != set()
 
     # ---- closing -------------------------------------------------------------------------------
 

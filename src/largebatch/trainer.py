@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from largebatch.distributed import (
     host_group,
     init_distributed,
 )
-from largebatch.errors import Preempted, first_line
+from largebatch.errors import Preempted, UserError, first_line
 from largebatch.metrics import MetricsWriter, Progress, RunRecordError, read_jsonl, write_plots
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import param_groups
@@ -537,8 +538,9 @@ class Trainer:
             stopping.close()
             if writer:
                 writer.close()
-            if not finished:  # a run refused before its first step takes away what it created
-                self.rundir.close(discard=self.step == start_step)
+            if not finished:  # refused before its first step, or a user error before its first checkpoint:
+                early = isinstance(sys.exc_info()[1], UserError) and not self.rundir.wrote_checkpoint()
+                self.rundir.close(discard=self.step == start_step or early)  # what it created goes
         if self.env.is_main:
             try:
                 write_plots(self.run_dir)
