@@ -140,7 +140,7 @@ def test_resume_auto_on_a_finished_run_says_it_is_finished_and_how_to_train_long
     run = finished(tmp_path)
     capsys.readouterr()
     args = synthetic_args(tmp_path)
-    code, line, out = run_cli(["train", *with_out(args, run), "--resume", "auto"], capsys)
+    code, _, out = run_cli(["train", *with_out(args, run), "--resume", "auto"], capsys)
     assert code == 0
     said = out.strip().splitlines()[-1]
     top1 = last_eval(run)["top1"]
