@@ -43,6 +43,7 @@ from largebatch.config import (
 from largebatch.distributed import broadcast_object
 from largebatch.errors import UserError
 from largebatch.metrics import read_jsonl
+from largebatch.plots import STAGING as PLOTS_STAGING
 
 LOCK_FILE = ".lock"
 REPLACED = ".replaced"  # the run an --overwrite replaces, kept until the new run's first step
@@ -409,6 +410,10 @@ class RunDir:
         if tmp_config.exists():
             tmp_config.unlink()
             removed.append(tmp_config)
+        staging = self.path / PLOTS_STAGING  # plots being drawn when the process was killed
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging)
+            removed.append(staging)
         if removed:
             self.notice(f"removed {len(removed)} half-written file(s) left by an interrupted write: "
                         f"{', '.join(p.name for p in removed)}")
