@@ -162,6 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _fill_closed_standard_descriptors()
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": run_train, "demo": run_demo}
@@ -201,10 +202,26 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def _fill_closed_standard_descriptors() -> None:
+    """Started with stdin, stdout or stderr closed (``2>&-``): /dev/null takes its number, so that no
+    file the run opens (a checkpoint, the lock) becomes descriptor 2 and receives a library's warnings."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_RDWR)
+                if devnull != fd:
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+
+
 def _error(err: object) -> None:
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if rank else ""
-    with contextlib.suppress(OSError, ValueError):  # stderr closed: the exit status still tells
+    if sys.stderr is None:  # started with stderr closed: the exit status still tells
+        return
+    with contextlib.suppress(OSError, ValueError):  # stderr broken (its reader gone): likewise
         write_line(sys.stderr, f"largebatch: error: {prefix}{first_line(err)}\n")
 
 
