@@ -46,7 +46,8 @@ def test_a_fork_with_more_epochs_says_what_is_possible_and_each_suggestion_works
     more = with_out(synthetic_args(tmp_path, "--epochs", "2"), tmp_path / "b")
     code, line, _ = run_cli(["train", *more, "--resume", str(step)], capsys)
     assert code == 2
-    assert line.startswith(f"largebatch: error: cannot continue {step} in {tmp_path / 'b'} with another epochs")
+    assert line.startswith(f"largebatch: error: cannot continue {step} in {tmp_path / 'b'}: the config differs in "
+                           "epochs, and a run continues only with the config it was trained with")
     assert "new --out" not in line and "--overwrite" not in line
     assert "without --resume" in line and "cannot be extended" in line
     assert not (tmp_path / "b").exists()

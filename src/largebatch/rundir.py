@@ -219,8 +219,7 @@ def _decide_path(path: Path, overwrite: bool, seen: Seen) -> Decision:
             return _refuse(f"cannot resume {d}: the config differs in {', '.join(seen.config_diffs)}; "
                            "use a new --out or --overwrite")
     elif seen.source_diffs:
-        return _refuse(f"cannot resume {path} into {d}: the config differs in {', '.join(seen.source_diffs)}; "
-                       "use a new --out or --overwrite")
+        return _refuse(_fork_differs(path, d, seen.source_diffs))
     if seen.target_diffs:
         return _refuse(f"cannot resume {path}: it was written with a config that differs in "
                        f"{', '.join(seen.target_diffs)}; give the config it was written with")
@@ -231,6 +230,15 @@ def _decide_path(path: Path, overwrite: bool, seen: Seen) -> Decision:
                        "or pass --overwrite to replace it")
     return Decision("fork", checkpoint=path, clear=seen.holds_run,
                     notices=(f"forking the run: continuing {path} in {d}", *_changed(seen)))
+
+
+def _fork_differs(path: Path, d: Path, keys: tuple[str, ...]) -> str:
+    """A fork asked with settings its source was not trained with: what can be done instead."""
+    why = ("; its learning-rate schedule ends with its last epoch, so a finished run cannot be extended"
+           if "epochs" in keys else "")
+    return (f"cannot continue {path} in {d}: the config differs in {', '.join(keys)}, and a run continues only "
+            f"with the config it was trained with{why}; to fork it, give the same command without the changed "
+            "settings; to train with them, give it without --resume (a new run)")
 
 
 class RunDir:
