@@ -116,8 +116,8 @@ def test_resume_takes_a_run_directory(tmp_path, capsys, monkeypatch):
     last.unlink()
     last.with_suffix(".pt.sha256").unlink()  # as after a crash before the last step's checkpoint
     capsys.readouterr()
-    args = with_out(synthetic_args(tmp_path, "--set", "checkpoint_every=1"), None)
-    code, line, out = run_cli(["train", *args, "--resume", str(run)], capsys)
+    args = synthetic_args(tmp_path, "--set", "checkpoint_every=1")
+    code, line, out = run_cli(["train", *with_out(args, None), "--resume", str(run)], capsys)
     assert code == 0, line
     assert f"resumed from {run / 'checkpoints' / 'step_00000001.pt'} at step 1" in out
     again = ckpt.load_checkpoint(ckpt.step_checkpoints(run / "checkpoints")[-1])["model"]

@@ -63,8 +63,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (key, tp, text) in TRAIN_FLAGS.items():
         parser.add_argument(flag, type=tp, dest=key.replace(".", "__"), help=f"{text} [{key}]",
                             metavar=flag.lstrip("-").replace("-", "_").upper())
-    parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint, or from the newest valid one in the run directory")
+    parser.add_argument("--resume", metavar="PATH|DIR|auto",
+                        help="continue from a checkpoint; from a run directory's newest valid one (the run goes on "
+                        "there unless --out names another directory: a fork); auto: from the --out directory's")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile [model.compile]")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -143,8 +144,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.keys:
         _print_keys()
         return 0
-    config = load_config(args.config, _overrides(args))
-    train(config, resume=args.resume, overwrite=args.overwrite)
+    overrides = _overrides(args)
+    if args.resume not in (None, "auto") and os.path.isdir(os.path.expanduser(args.resume)) and not any(
+            key == "out" for key, _ in overrides):  # --resume DIR alone: that run goes on where it lives
+        overrides.append(("out", args.resume))
+    config = load_config(args.config, overrides)
+    train(config, resume=args.resume and os.path.expanduser(args.resume), overwrite=args.overwrite)
     return 0
 
 

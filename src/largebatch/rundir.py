@@ -294,6 +294,7 @@ class RunDir:
         try:
             info = os.stat(self.path)
             self._identity = (info.st_dev, info.st_ino)
+            resume = self._resume_target(resume)
             seen = self._observe(resume, overwrite)
             path = self._carry_out(decide(resume, overwrite, seen))
             self._checkpoints_at_open = self._checkpoint_identities()
@@ -310,6 +311,23 @@ class RunDir:
         self._created_root = missing[-1] if missing else None
         self.path.mkdir(parents=True, exist_ok=True)
         self._before = set() if missing else {p.name for p in self.path.iterdir()}
+
+    def _resume_target(self, resume: str | None) -> str | None:
+        """``--resume DIR``, a run directory (or its checkpoints/): this one's is ``auto``, another's its
+        newest checkpoint that verifies and loads (a fork); a checkpoint file or ``auto`` as given."""
+        if resume in (None, "auto") or not Path(resume).is_dir():
+            return resume
+        source = Path(resume)
+        store = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        if store.resolve() == self.checkpoints.resolve():
+            return "auto"
+        found = ckpt.newest_loadable(store, warn=self.notice)
+        if found is None:
+            count = len(ckpt.step_checkpoints(store))
+            what = f"none of its {count} checkpoint(s) can be used" if count else "a directory without checkpoints"
+            raise RunDirError(f"--resume {source}: {what}; give a run directory (its newest valid checkpoint), "
+                              "a checkpoint file, or auto")
+        return str(found[0])
 
     def _store_problem(self) -> str | None:
         """A checkpoint store that is not there (a scratch disk not mounted) stops the run untouched."""
