@@ -162,7 +162,8 @@ def run_demo(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
     out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
-    out.message(f"final top-1 accuracy: {result.top1:.2f}%")
+    if result.top1 is not None:  # None: resumed a finished run, which said so
+        out.message(f"final top-1 accuracy: {result.top1:.2f}%")
     return 0
 
 

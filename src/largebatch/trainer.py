@@ -549,6 +549,8 @@ class Trainer:
                     publish_plots(self.run_dir, self.step, self.env.rank, self.progress.message)
         finally:
             self.rundir.close()
+        if self.env.is_main and self.resumed and start_step == self.total_steps:  # nothing was left to train
+            self.progress.message(self.rundir.finished_notice(self.step))
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
                          last_eval.get("eval_loss"), time.perf_counter() - t_start)
 
