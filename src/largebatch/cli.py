@@ -16,7 +16,7 @@ from typing import Any
 
 from largebatch import __version__
 from largebatch.console import write_line
-from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line
+from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line, printed_on_rank
 
 __all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main", "positive"]
 
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
-        _error(one_line(err))
+        if printed_on_rank(err, int(os.environ.get("RANK", "0"))):  # one line, not one per process
+            _error(one_line(err))
         return status
     finally:
         if args.command in handlers:
