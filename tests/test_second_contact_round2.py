@@ -197,7 +197,17 @@ def test_a_sweep_cell_of_another_config_advises_what_sweep_accepts(tmp_path, cap
     assert main(["sweep", "--spec", str(spec_file), "--out", str(out)]) == 0
     (cell,) = (out / "cells").iterdir()
     (cell / "result.json").unlink()  # stopped before its result was written
+    sums = {p: p.read_bytes() for p in (cell / "checkpoints").glob("*.sha256")}
+    for path in sums:
+        path.unlink()  # and its checkpoints cannot be verified: train's refusal, in sweep's words
     capsys.readouterr()
+    assert main(["sweep", "--spec", str(spec_file), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"largebatch: error: sweep cell {cell}: run directory {cell} holds a run but none of its")
+    assert "--overwrite" not in line and line.endswith("use a new --out for the sweep, or delete that directory to "
+                                                       "rerun it")
+    for path, data in sums.items():
+        path.write_bytes(data)
     assert main(["sweep", "--spec", str(spec_file), "--out", str(out), "--set", "epochs=2"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"largebatch: error: {cell} holds a run of another config (it differs in epochs)")
