@@ -16,7 +16,7 @@ from typing import Any
 
 from largebatch import __version__
 from largebatch.console import write_line
-from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line
+from largebatch.errors import EXIT_LOST_PEER, exit_status, first_line, one_line, printed_on_rank
 
 __all__ = ["EXIT_LOST_PEER", "TRAIN_FLAGS", "add_train_arguments", "build_parser", "main", "positive"]
 
@@ -63,8 +63,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (key, tp, text) in TRAIN_FLAGS.items():
         parser.add_argument(flag, type=tp, dest=key.replace(".", "__"), help=f"{text} [{key}]",
                             metavar=flag.lstrip("-").replace("-", "_").upper())
-    parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint, or from the newest valid one in the run directory")
+    parser.add_argument("--resume", metavar="PATH|DIR|auto",
+                        help="continue from a checkpoint; from a run directory's newest valid one (the run goes on "
+                        "there unless --out names another directory: a fork); auto: from the --out directory's")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile [model.compile]")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -143,8 +144,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.keys:
         _print_keys()
         return 0
-    config = load_config(args.config, _overrides(args))
-    train(config, resume=args.resume, overwrite=args.overwrite)
+    overrides = _overrides(args)
+    if args.resume not in (None, "auto") and os.path.isdir(os.path.expanduser(args.resume)) and not any(
+            key == "out" for key, _ in overrides):  # --resume DIR alone: that run goes on where it lives
+        overrides.append(("out", args.resume))
+    config = load_config(args.config, overrides)
+    train(config, resume=args.resume and os.path.expanduser(args.resume), overwrite=args.overwrite)
     return 0
 
 
@@ -157,11 +162,13 @@ def run_demo(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
     out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
-    out.message(f"final top-1 accuracy: {result.top1:.2f}%")
+    if result.top1 is not None:  # None: resumed a finished run, which said so
+        out.message(f"final top-1 accuracy: {result.top1:.2f}%")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    _fill_closed_standard_descriptors()
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": run_train, "demo": run_demo}
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
-        _error(one_line(err))
+        if printed_on_rank(err, int(os.environ.get("RANK", "0"))):  # one line, not one per process
+            _error(one_line(err))
         return status
     finally:
         if args.command in handlers:
@@ -201,10 +209,26 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def _fill_closed_standard_descriptors() -> None:
+    """Started with stdin, stdout or stderr closed (``2>&-``): /dev/null takes its number, so that no
+    file the run opens (a checkpoint, the lock) becomes descriptor 2 and receives a library's warnings."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_RDWR)
+                if devnull != fd:
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+
+
 def _error(err: object) -> None:
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank {rank}] " if rank else ""
-    with contextlib.suppress(OSError, ValueError):  # stderr closed: the exit status still tells
+    if sys.stderr is None:  # started with stderr closed: the exit status still tells
+        return
+    with contextlib.suppress(OSError, ValueError):  # stderr broken (its reader gone): likewise
         write_line(sys.stderr, f"largebatch: error: {prefix}{first_line(err)}\n")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from largebatch.errors import UserError, first_line
+from largebatch.errors import UserError, first_line, on_every_rank
 from largebatch.optimizer_table import COMMON_KEYS, OPTIMIZER_TABLE
 from largebatch.schedule import DECAYS, ORIGINS, backwards_reason, linear_scaling, sqrt_scaling
 from largebatch.yaml_numbers import load_yaml
@@ -519,10 +519,10 @@ def derive_accumulation(batch_size: int, micro_batch: int, world_size: int) -> i
     """Global batch = world x micro-batch x accumulation; refuse what does not divide."""
     per_step = world_size * micro_batch
     if batch_size % per_step != 0:
-        raise ConfigError(
+        raise on_every_rank(ConfigError(
             f"batch_size {batch_size} is not divisible by world size {world_size} x micro_batch {micro_batch} "
             f"(= {per_step}); {_dividing(batch_size, per_step)}"
-        )
+        ))
     return batch_size // per_step
 
 
@@ -542,7 +542,7 @@ def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
     """
     if config.micro_batch is None:
         if config.batch_size % world_size:
-            raise ConfigError(f"batch_size {config.batch_size} is not divisible by world size {world_size}; "
-                          f"{_dividing(config.batch_size, world_size)}")
+            raise on_every_rank(ConfigError(f"batch_size {config.batch_size} is not divisible by world size "
+                                            f"{world_size}; {_dividing(config.batch_size, world_size)}"))
         return config.batch_size // world_size, 1
     return config.micro_batch, derive_accumulation(config.batch_size, config.micro_batch, world_size)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_LOST_PEER", "EXIT_REQUEUE", "EXIT_STATUS", "DivergenceError", "Interrupted", "Preempted",
-    "RequeueRequested", "UserError", "exit_status", "first_line", "is_lost_peer", "is_out_of_memory", "one_line",
+    "RequeueRequested", "UserError", "exit_status", "first_line", "is_lost_peer", "is_out_of_memory", "on_every_rank",
+    "one_line", "printed_on_rank",
 ]
 
 EXIT_LOST_PEER = 4
@@ -95,6 +96,18 @@ def one_line(err: BaseException) -> str:
         return (f"out of memory ({first_line(err, 160)}); the micro-batch defaults to the whole per-process "
                 "batch: pass a smaller --micro-batch (e.g. 128) to accumulate it in pieces")
     return first_line(err)
+
+
+def on_every_rank(err: UserError) -> UserError:
+    """Mark an error that every process raises alike (it follows from the config and the world size
+    alone), so that only rank 0 prints it; the others still exit with its status, silently."""
+    err.every_rank = True  # type: ignore[attr-defined]
+    return err
+
+
+def printed_on_rank(err: BaseException, rank: int) -> bool:
+    """Whether ``rank`` prints ``err``'s line: rank 0 always; another rank unless every rank raised it alike."""
+    return rank == 0 or not getattr(err, "every_rank", False)
 
 
 def first_line(err: object, limit: int | None = None) -> str:

@@ -7,7 +7,8 @@ With MARKER, a file path, the fault fires only if the file does not exist and cr
 so a restarted run goes past the same point. Unset, this costs one dictionary lookup per call.
 
 ``LARGEBATCH_PAUSE`` (``POINT:STEP:RANK:MARKER``, several separated by commas; POINT also ``eval``,
-at the first evaluation batch after STEP) makes the process write its pid to MARKER and wait
+at the first evaluation batch after STEP, and ``plots``, as the final plots of a run ending at STEP
+are drawn) makes the process write its pid to MARKER and wait
 there for a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2), which it then delivers to itself:
 a test can signal a run at an exact point, without depending on timing. With MARKER present it
 does not wait (the restarted run goes on).
@@ -22,7 +23,7 @@ from pathlib import Path
 ENV = "LARGEBATCH_FAULT"
 PAUSE_ENV = "LARGEBATCH_PAUSE"
 POINTS = ("step", "checkpoint")
-PAUSE_POINTS = ("step", "checkpoint", "eval")
+PAUSE_POINTS = ("step", "checkpoint", "eval", "plots")
 PAUSE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 PAUSE_LIMIT_S = 300.0
 

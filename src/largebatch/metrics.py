@@ -204,8 +204,8 @@ def read_jsonl(path: str | Path, notice: Callable[[str], None] | None = None) ->
     return rows
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """loss.png, accuracy.png and lr.png against steps, from metrics.jsonl."""
+def write_plots(run_dir: Path, plot_dir: Path | None = None) -> list[Path]:
+    """loss.png, accuracy.png and lr.png against steps, from metrics.jsonl (into ``plot_dir``, default plots/)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +214,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]  # rows of another kind (or none) are not plotted
     evals = [r for r in rows if r.get("kind") == "eval"]
-    plot_dir = run_dir / "plots"
+    plot_dir = plot_dir or run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
     specs = [

@@ -43,6 +43,7 @@ from largebatch.config import (
 from largebatch.distributed import broadcast_object
 from largebatch.errors import UserError
 from largebatch.metrics import read_jsonl
+from largebatch.plots import STAGING as PLOTS_STAGING
 
 LOCK_FILE = ".lock"
 REPLACED = ".replaced"  # the run an --overwrite replaces, kept until the new run's first step
@@ -218,8 +219,7 @@ def _decide_path(path: Path, overwrite: bool, seen: Seen) -> Decision:
             return _refuse(f"cannot resume {d}: the config differs in {', '.join(seen.config_diffs)}; "
                            "use a new --out or --overwrite")
     elif seen.source_diffs:
-        return _refuse(f"cannot resume {path} into {d}: the config differs in {', '.join(seen.source_diffs)}; "
-                       "use a new --out or --overwrite")
+        return _refuse(_fork_differs(path, d, seen.source_diffs))
     if seen.target_diffs:
         return _refuse(f"cannot resume {path}: it was written with a config that differs in "
                        f"{', '.join(seen.target_diffs)}; give the config it was written with")
@@ -230,6 +230,15 @@ def _decide_path(path: Path, overwrite: bool, seen: Seen) -> Decision:
                        "or pass --overwrite to replace it")
     return Decision("fork", checkpoint=path, clear=seen.holds_run,
                     notices=(f"forking the run: continuing {path} in {d}", *_changed(seen)))
+
+
+def _fork_differs(path: Path, d: Path, keys: tuple[str, ...]) -> str:
+    """A fork asked with settings its source was not trained with: what can be done instead."""
+    why = ("; its learning-rate schedule ends with its last epoch, so a finished run cannot be extended"
+           if "epochs" in keys else "")
+    return (f"cannot continue {path} in {d}: the config differs in {', '.join(keys)}, and a run continues only "
+            f"with the config it was trained with{why}; to fork it, give the same command without the changed "
+            "settings; to train with them, give it without --resume (a new run)")
 
 
 class RunDir:
@@ -248,6 +257,7 @@ class RunDir:
         self._before: set[str] = set()  # entries that were there before this run
         self._replacing = False  # the old run is in REPLACED until the first step
         self._identity: tuple[int, int] | None = None  # (device, inode) of the directory opened
+        self._checkpoints_at_open: dict[str, tuple[int, int]] = {}  # name -> (inode, mtime) once opened
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -284,8 +294,10 @@ class RunDir:
         try:
             info = os.stat(self.path)
             self._identity = (info.st_dev, info.st_ino)
+            resume = self._resume_target(resume)
             seen = self._observe(resume, overwrite)
             path = self._carry_out(decide(resume, overwrite, seen))
+            self._checkpoints_at_open = self._checkpoint_identities()
         except OSError as err:
             self.close(discard=True)
             raise RunDirError(f"cannot write the run directory {self.path}: {err.strerror or err}") from None
@@ -299,6 +311,23 @@ class RunDir:
         self._created_root = missing[-1] if missing else None
         self.path.mkdir(parents=True, exist_ok=True)
         self._before = set() if missing else {p.name for p in self.path.iterdir()}
+
+    def _resume_target(self, resume: str | None) -> str | None:
+        """``--resume DIR``, a run directory (or its checkpoints/): this one's is ``auto``, another's its
+        newest checkpoint that verifies and loads (a fork); a checkpoint file or ``auto`` as given."""
+        if resume in (None, "auto") or not Path(resume).is_dir():
+            return resume
+        source = Path(resume)
+        store = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        if store.resolve() == self.checkpoints.resolve():
+            return "auto"
+        found = ckpt.newest_loadable(store, warn=self.notice)
+        if found is None:
+            count = len(ckpt.step_checkpoints(store))
+            what = f"none of its {count} checkpoint(s) can be used" if count else "a directory without checkpoints"
+            raise RunDirError(f"--resume {source}: {what}; give a run directory (its newest valid checkpoint), "
+                              "a checkpoint file, or auto")
+        return str(found[0])
 
     def _store_problem(self) -> str | None:
         """A checkpoint store that is not there (a scratch disk not mounted) stops the run untouched."""
@@ -407,6 +436,10 @@ class RunDir:
         if tmp_config.exists():
             tmp_config.unlink()
             removed.append(tmp_config)
+        staging = self.path / PLOTS_STAGING  # plots being drawn when the process was killed
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging)
+            removed.append(staging)
         if removed:
             self.notice(f"removed {len(removed)} half-written file(s) left by an interrupted write: "
                         f"{', '.join(p.name for p in removed)}")
@@ -461,6 +494,33 @@ class RunDir:
             pass
         lock = self._lock.where()
         return lock.parent if lock is not None else None
+
+    def _checkpoint_identities(self) -> dict[str, tuple[int, int]]:
+        found = {}
+        for path in self._checkpoint_files():
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                found[path.name] = (info.st_ino, info.st_mtime_ns)
+        return found
+
+    def wrote_checkpoint(self) -> bool:
+        """Whether this run wrote a checkpoint (a step's or best.pt) since it opened the directory
+        (rank 0; each write is a new file renamed into place). A run that fails on a user error
+        before its first one has nothing to continue from, and takes away what it created."""
+        return self.is_main and self._checkpoint_identities().items() - self._checkpoints_at_open.items() != set()
+
+    def finished_notice(self, steps: int) -> str:
+        """What ``--resume auto`` on a finished run says: its result, where it is, how to train longer."""
+        top1 = None
+        with contextlib.suppress(OSError, ValueError):
+            evals = [r for r in read_jsonl(self.path / "metrics.jsonl") if r.get("kind") == "eval"]
+            top1 = evals[-1].get("top1") if evals else None
+        figure = f", top-1 {top1:.2f}% at its last evaluation" if isinstance(top1, (int, float)) else ""
+        best = self.checkpoints / "best.pt"
+        results = [self.path / "metrics.csv", self.path / "plots", *([best] if best.exists() else [])]
+        return (f"run {self.path} is already finished (step {steps} of {steps}{figure}); results: "
+                f"{', '.join(map(str, results))}; to train longer, start a new run with more --epochs in a new --out "
+                "(a finished run cannot be extended)")
 
     # ---- closing -------------------------------------------------------------------------------
 

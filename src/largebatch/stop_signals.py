@@ -22,8 +22,8 @@ from typing import Any
 
 from largebatch.errors import EXIT_REQUEUE, Interrupted, Preempted, RequeueRequested, UserError
 
-__all__ = ["REQUEUE_SIGNAL_ENV", "StopCode", "hold_early", "installed", "interrupted_now", "requeue_signal",
-           "stop_code", "stopped_error"]
+__all__ = ["REQUEUE_SIGNAL_ENV", "StopCode", "hold_early", "installed", "interrupted_now", "plots_stopped",
+           "requeue_signal", "stop_code", "stop_signal_set", "stopped_error"]
 
 REQUEUE_SIGNAL_ENV = "LARGEBATCH_REQUEUE_SIGNAL"
 
@@ -69,6 +69,11 @@ def hold_early() -> None:
         signal.signal(requeue_signal(), _record_early)
 
 
+def stop_signal_set() -> set[signal.Signals]:
+    """The signals that stop a run: SIGTERM, SIGINT and the requeue signal."""
+    return {signal.SIGTERM, signal.SIGINT, requeue_signal()}
+
+
 @contextlib.contextmanager
 def installed(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """``handler`` for SIGTERM, SIGINT and the requeue signal while the block runs, then the previous ones.
@@ -78,7 +83,7 @@ def installed(handler: Callable[[int, Any], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGTERM, signal.SIGINT, requeue_signal())
+    signals = stop_signal_set()
     previous = {s: signal.signal(s, handler) for s in signals}
     while _early:  # a warning that came during start-up asks for the stop now
         handler(_early.pop(0), None)
@@ -112,3 +117,14 @@ def interrupted_now(step: int, run_dir: Path, last_checkpoint: Path | None) -> I
                            f"written; it starts again from step 0 with --resume auto (run directory {run_dir})")
     return Interrupted(f"interrupted (second Ctrl-C) at step {step} without a checkpoint of it; the last "
                        f"checkpoint is {last_checkpoint}; {_continue(run_dir)}")
+
+
+def plots_stopped(code: int, run_dir: Path) -> Preempted:
+    """The error of a stop while a finished run's plots were drawn: nothing is lost, the plots wait."""
+    rest = (f"while writing the plots; the run is finished and its checkpoints are kept in {run_dir / 'checkpoints'}; "
+            "the same command with --resume auto writes the plots")
+    if code == StopCode.INT:
+        return Interrupted(f"interrupted (Ctrl-C) {rest}")
+    if code == StopCode.REQUEUE:
+        return RequeueRequested(f"stopped by {requeue_signal().name} (the scheduler's warning) {rest}")
+    return Preempted(f"stopped by SIGTERM {rest}")

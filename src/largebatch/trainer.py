@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -46,12 +47,13 @@ from largebatch.distributed import (
     host_group,
     init_distributed,
 )
-from largebatch.errors import Preempted, first_line
-from largebatch.metrics import MetricsWriter, Progress, RunRecordError, read_jsonl, write_plots
+from largebatch.errors import Preempted, UserError, first_line
+from largebatch.metrics import MetricsWriter, Progress, RunRecordError, read_jsonl
 from largebatch.models import build_model, check_input, model_options
 from largebatch.optim import param_groups
 from largebatch.optim._triton import TritonUnavailable
 from largebatch.optimizer_table import OPTIMIZER_TABLE
+from largebatch.plots import publish_plots
 from largebatch.rundir import RunDir
 from largebatch.schedule import WarmupDecay, linear_scaling, sqrt_scaling
 from largebatch.train_step import DeviceLearningRate, DivergenceError, DivergenceGuard, grads_finite, step_seed
@@ -534,17 +536,21 @@ class Trainer:
                 raise
             raise self._interrupted_now() from None
         finally:
-            stopping.close()
+            if not finished:  # a finished run keeps them over its plots (see plots.py)
+                stopping.close()
             if writer:
                 writer.close()
-            if not finished:  # a run refused before its first step takes away what it created
-                self.rundir.close(discard=self.step == start_step)
-        if self.env.is_main:
-            try:
-                write_plots(self.run_dir)
-            except (OSError, RunRecordError) as err:
-                self.progress.message(f"plots not written: {err}")
-        self.rundir.close()
+            if not finished:  # refused before its first step, or a user error before its first checkpoint:
+                early = isinstance(sys.exc_info()[1], UserError) and not self.rundir.wrote_checkpoint()
+                self.rundir.close(discard=self.step == start_step or early)  # what it created goes
+        try:
+            with stopping:
+                if self.env.is_main:
+                    publish_plots(self.run_dir, self.step, self.env.rank, self.progress.message)
+        finally:
+            self.rundir.close()
+        if self.env.is_main and self.resumed and start_step == self.total_steps:  # nothing was left to train
+            self.progress.message(self.rundir.finished_notice(self.step))
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
                          last_eval.get("eval_loss"), time.perf_counter() - t_start)
 

@@ -366,7 +366,8 @@ class ImageFolderSource(DataSource):
             if bad:
                 if not self.skip:
                     path, msg = bad[0]
-                    raise DataError(f"unreadable image {path} ({msg}); use on_bad_image='skip' to replace such files")
+                    raise DataError(f"unreadable image {path} ({msg}); pass --set data.options.on_bad_image=skip "
+                                    "to replace such files with the next readable one")
                 for path, msg in bad:
                     if path not in self.bad_images:
                         log.warning("skipping unreadable image %s (%s)", path, msg)

@@ -24,6 +24,7 @@ from pathlib import Path
 from largebatch.config import ConfigError, TrainConfig, config_differences, to_dict
 from largebatch.data import build_dataset
 from largebatch.errors import DivergenceError
+from largebatch.rundir import RunDirError, config_differences_from
 from largebatch.study.grid import SweepSpec, Trial, format_lr, rate_beyond_edge
 from largebatch.trainer import Trainer
 
@@ -123,6 +124,16 @@ def _read_result(run_dir: Path, config: TrainConfig) -> TrialResult | None:
     return result
 
 
+RERUN_CELL = "use a new --out for the sweep, or delete that directory to rerun it"
+
+
+def _check_cell_config(run_dir: Path, config: TrainConfig) -> None:
+    """A cell's unfinished run of another config (the spec changed since) is refused, as a result is."""
+    diffs = config_differences_from(run_dir / "config.yaml", config)
+    if diffs:
+        raise ConfigError(f"{run_dir} holds a run of another config (it differs in {', '.join(diffs)}); {RERUN_CELL}")
+
+
 def select_best(results: list[TrialResult]) -> TrialResult | None:
     """The best final top-1 among runs that did not diverge; ties go to the smaller rate."""
     finished = [r for r in results if r.status == "ok" and r.top1 is not None and math.isfinite(r.top1)]
@@ -207,9 +218,17 @@ def run_sweep(
             results.append(stored)
             return stored
         resume = "auto" if (run_dir / "config.yaml").exists() else None
+        if resume:
+            _check_cell_config(run_dir, config)
         total = f"{spec.total_trials()}{'+' if spec.extend_search else ''}"
         log(f"[{done + ran + 1}/{total}] {trial.name}" + (" (resuming)" if resume else ""))
-        result = trial_fn(trial, config, resume)
+        try:
+            result = trial_fn(trial, config, resume)
+        except RunDirError as err:  # advice for train (--overwrite); a sweep's cell is deleted to rerun
+            if "--overwrite" not in str(err):
+                raise
+            problem = str(err).split("; ")[0]
+            raise ConfigError(f"sweep cell {run_dir}: {problem}; {RERUN_CELL}") from None
         _write_result(run_dir, result, config)
         ran += 1
         score = f"top-1 {result.top1:.2f}%" if result.top1 is not None else f"DIVERGED at step {result.steps}"
