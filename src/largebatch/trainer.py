@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from largebatch import checkpoint as ckpt
 from largebatch import faults, stop_signals
-from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
+from largebatch.checkpointer import Checkpointer, LoopState
+from largebatch.config import ConfigError, TrainConfig, batch_plan
 from largebatch.cuda_graph import GraphedStep, graphs_decision
 from largebatch.data import DataSource, build_dataset
 from largebatch.data.base import Batch
@@ -41,7 +41,6 @@ from largebatch.distributed import (
     DistEnv,
     all_reduce_sum,
     any_rank_max,
-    broadcast_object,
     compress_gradients,
     host_group,
     init_distributed,
@@ -187,11 +186,16 @@ class Trainer:
         self._eval_pending = False  # this step's evaluation was skipped by a stop: done first on resume
         # only now, with data and model known to be usable, is the run directory touched
         self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
+        self.checkpointer = Checkpointer(
+            self.rundir, config, self.env, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            micro_batch=self.micro_batch, accumulation=self.accumulation,
+            classes=list(getattr(self.data, "classes", None) or []), notice=self.progress.message,
+        )
         resume_path = self.rundir.open(resume, overwrite)
         self.resumed = resume_path is not None
         try:  # from here to run()'s end, whatever is raised takes away what this run created
             if resume_path is not None:
-                self._load(resume_path)
+                self._resume_from(resume_path)
             self.progress.total = self.total_steps
         except BaseException:
             self.rundir.close(discard=True)
@@ -224,106 +228,21 @@ class Trainer:
 
     # ---- run directory and checkpoints --------------------------------------------------------
 
-    def _payload(self) -> dict[str, Any]:
-        return {
-            "format": ckpt.FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best_top1": self.best_top1,
-            "world_size": self.env.world_size,
-            "micro_batch": self.micro_batch,
-            "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None,
-            "config": to_dict(self.config),
-            "eval_pending": self._eval_pending,
-            "classes": list(getattr(self.data, "classes", None) or []),  # index -> name, for inference
-        }
-
-    def _load(self, path: Path) -> None:
-        payload = ckpt.load_checkpoint(path, map_location=self.env.device)
-        try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            self.scaler.load_state_dict(payload["scaler"])
-            self.step = int(payload["step"])
-            self.best_top1 = float(payload.get("best_top1", -1.0))
-            self._eval_pending = bool(payload.get("eval_pending", False))
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                                       f"{first_line(err, 200)}") from None
-        named = ckpt.step_of_name(path)
-        if named is not None and named != self.step:
-            self.progress.message(f"checkpoint {path.name} holds step {self.step}, not {named} (renamed?); "
-                                  f"resuming at step {self.step}")
-        if not (self.run_dir / "checkpoints" / "best.pt").exists():
-            self.best_top1 = -1.0  # a fork (or a run whose best.pt is gone) writes its own best.pt
-        self._keep_threads(payload.get("threads"))
-        if self.step > self.total_steps:
-            raise ConfigError(f"checkpoint {path} is at step {self.step}, beyond this run's {self.total_steps} steps")
-        if payload.get("world_size") != self.env.world_size:
-            self.progress.message(
-                f"resuming a run of world size {payload.get('world_size')} with {self.env.world_size}: "
-                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
-            )
-        elif isinstance(payload.get("micro_batch"), int) and payload["micro_batch"] != self.micro_batch:
-            self.progress.message(
-                f"resuming a run of micro-batch {payload['micro_batch']} with {self.micro_batch}: "
-                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
-            )
-        self.progress.message(f"resumed from {path} at step {self.step}")
-
-    def _keep_threads(self, threads: Any) -> None:
-        """A resumed CPU run keeps its thread count (results differ in the last bits with another)
-        unless the config sets one; a set count that differs from the run's is announced."""
-        now = torch.get_num_threads()
-        if self.env.device.type != "cpu" or not isinstance(threads, int) or threads == now:
-            return
-        if self.config.threads is None:
-            torch.set_num_threads(threads)
-            self.progress.message(f"keeping the run's {threads} CPU thread(s) (this machine would use {now}; "
-                                  "set threads to change it)")
-        else:
-            self.progress.message(f"resuming a run of {threads} CPU thread(s) with {now}: "
-                                  "results may differ from an uninterrupted run in the last bits")
-
-    def _agree(self, error: str | None) -> None:
-        """Rank 0's write result, shared so that every rank stops together on a failed write."""
-        error = broadcast_object(error)  # type: ignore[assignment]
-        if error:
-            raise ckpt.CheckpointError(error)
+    def _resume_from(self, path: Path) -> None:
+        loop = self.checkpointer.load(path, self.total_steps)
+        self.step, self.best_top1, self._eval_pending = loop.step, loop.best_top1, loop.eval_pending
 
     def save(self, name: str | None = None) -> None:
         """Checkpoint the current step (rank 0 writes), never a diverged model; all ranks call it."""
         self._check_finite()
-        error = None
-        if self.env.is_main:
-            directory = self.run_dir / "checkpoints"
-            moved = self.rundir.moved_to()
-            if moved is not None:  # write where the run now is, never re-create the old path
-                directory = moved / "checkpoints"
-            try:
-                if name is not None:
-                    ckpt.save_checkpoint(directory / name, self._payload())
-                if name is None or moved is not None:  # a moved run stops with its step's checkpoint
-                    step, rank = self.step, self.env.rank
-                    ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
-                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank)
-                                         or faults.maybe_pause("checkpoint", step, rank))
-                    ckpt.prune(directory, self.config.keep_checkpoints)
-            except ckpt.CheckpointError as err:
-                error = str(err)
-            if moved is not None and error is None:
-                error = (f"run directory {self.run_dir} was moved to {moved} while the run ran; stopped at step "
-                         f"{self.step} with its checkpoint there; continue with --out {moved} --resume auto")
-        self._agree(error)
+        self.checkpointer.save(LoopState(self.step, self.best_top1, self._eval_pending), name)
 
     def _check_finite(self) -> None:
         """Read the divergence guard (one all-reduce, one host read): stop at the first bad step."""
         step = self.guard.first_bad_step(never=self.total_steps)
         if step is not None:
-            kept = ckpt.step_checkpoints(self.run_dir / "checkpoints")
-            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet"
+            kept = self.checkpointer.newest_step_file()
+            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
             # step + 1: the update counted as metrics.jsonl counts it (the first update is step 1)
             raise DivergenceError(
                 f"non-finite loss or gradient at step {step + 1} (lr {self.schedule(max(step, 0)):.4g}); "
@@ -455,8 +374,8 @@ class Trainer:
         return any_rank_max(code, self._host_group)
 
     def _interrupted_now(self) -> Preempted:
-        steps = ckpt.step_checkpoints(self.run_dir / "checkpoints") if self.env.is_main else []
-        return stop_signals.interrupted_now(self.step, self.run_dir, steps[-1] if steps else None)
+        newest = self.checkpointer.newest_step_file() if self.env.is_main else None
+        return stop_signals.interrupted_now(self.step, self.run_dir, newest)
 
     def _report_lost_steps(self) -> None:
         """On resume: the steps logged after the checkpoint (a stop that came too late for a checkpoint)."""
