@@ -123,7 +123,8 @@ class Trainer:
         self.config = config
         self.env = env or init_distributed(config.device, timeout_s=config.dist_timeout_s)
         self.run_dir = Path(config.out)
-        self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
+        self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)  # the progress line
+        self.notice = self.progress.message  # a message line on rank 0 (clears the progress line first)
         self._stop_requested = False  # set by a stop signal (or a test) until the run ends
         self._stop_signal: int | None = None  # the first signal that asked for the stop
         self._interrupts = 0  # Ctrl-Cs seen: the second one stops at once
@@ -178,27 +179,27 @@ class Trainer:
             compress_gradients(runner, config.dist.grad_dtype)
         self.runner = runner
         self.guard = DivergenceGuard(self.env.device)
-        self._step = self._make_step()
-        self.graphed = isinstance(self._step, GraphedStep)
+        self._step_fn = self._make_step_fn()
+        self.graphed = isinstance(self._step_fn, GraphedStep)
 
         self.step = 0
         self.best_top1 = -1.0
         self._eval_pending = False  # this step's evaluation was skipped by a stop: done first on resume
         # only now, with data and model known to be usable, is the run directory touched
-        self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
+        self.run_dir_lifecycle = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.notice)
         self.checkpointer = Checkpointer(
-            self.rundir, config, self.env, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            self.run_dir_lifecycle, config, self.env, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
             micro_batch=self.micro_batch, accumulation=self.accumulation,
-            classes=list(getattr(self.data, "classes", None) or []), notice=self.progress.message,
+            classes=list(getattr(self.data, "classes", None) or []), notice=self.notice,
         )
-        resume_path = self.rundir.open(resume, overwrite)
+        resume_path = self.run_dir_lifecycle.open(resume, overwrite)
         self.resumed = resume_path is not None
         try:  # from here to run()'s end, whatever is raised takes away what this run created
             if resume_path is not None:
                 self._resume_from(resume_path)
             self.progress.total = self.total_steps
         except BaseException:
-            self.rundir.close(discard=True)
+            self.run_dir_lifecycle.close(discard=True)
             raise
 
     def _model_options(self) -> dict[str, Any]:
@@ -211,7 +212,7 @@ class Trainer:
                 options[key] = value
         return options
 
-    def _make_step(self) -> Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]:
+    def _make_step_fn(self) -> Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]:
         """The eager step, or the same step captured as a CUDA graph where ``cuda_graphs`` allows it."""
         input_bytes = self.accumulation * self.micro_batch * (4 * math.prod(self.data.input_shape) + 8)
         use, self.graphs_reason = graphs_decision(
@@ -220,11 +221,11 @@ class Trainer:
             implementation=self.config.optim.implementation,  # config folds optim.fused into it
         )
         if not use:
-            return self._compute_step
+            return self._eager_step
         on_failure = None
         if self.config.cuda_graphs == "auto":
-            on_failure = lambda why: self.progress.message(f"cuda graphs off: capture failed ({why})")  # noqa: E731
-        return GraphedStep(self._compute_step, self._step_state, on_failure=on_failure)
+            on_failure = lambda why: self.notice(f"cuda graphs off: capture failed ({why})")  # noqa: E731
+        return GraphedStep(self._eager_step, self._step_state, on_failure=on_failure)
 
     # ---- run directory and checkpoints --------------------------------------------------------
 
@@ -268,9 +269,9 @@ class Trainer:
         self.runner.train()
         torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.step))
         self.learning_rate.set(self.schedule(self.step))
-        return self._step(micro_batches)
+        return self._step_fn(micro_batches)
 
-    def _compute_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and update: the part a CUDA graph captures (device work only)."""
         # zeroed in place, not freed: gradients keep their addresses, so the Triton optimizers'
         # address table is built once, and never during a CUDA graph's capture (docs/models_and_data.md)
@@ -388,7 +389,7 @@ class Trainer:
             return
         last = max((int(r.get("step", 0)) for r in rows), default=0)
         if last > self.step:
-            self.progress.message(
+            self.notice(
                 f"{last - self.step} step(s) logged after the checkpoint of step {self.step} were lost "
                 f"(the run ended without a checkpoint of its last step); they are trained again"
             )
@@ -406,7 +407,7 @@ class Trainer:
             self._host_group = host_group()
             if self.env.is_main:
                 writer = MetricsWriter(self.run_dir, resume_after_step=self.step if self.resumed else None,
-                                       notice=self.progress.message)
+                                       notice=self.notice)
             if self._eval_pending:  # the evaluation a stop skipped before this checkpoint
                 self._eval_pending = False
                 try:
@@ -422,7 +423,7 @@ class Trainer:
                 window.add(loss)
                 self.step += 1
                 if self.step == start_step + 1:
-                    self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
+                    self.run_dir_lifecycle.commit()  # no longer a refused run: what --overwrite replaced goes
                 faults.maybe_kill("step", self.step, self.env.rank)
                 faults.maybe_pause("step", self.step, self.env.rank)
                 stop = records_failed = False
@@ -457,13 +458,13 @@ class Trainer:
             if writer:
                 writer.close()
             if not finished:  # a run refused before its first step takes away what it created
-                self.rundir.close(discard=self.step == start_step)
+                self.run_dir_lifecycle.close(discard=self.step == start_step)
         if self.env.is_main:
             try:
                 write_plots(self.run_dir)
             except (OSError, RunRecordError) as err:
-                self.progress.message(f"plots not written: {err}")
-        self.rundir.close()
+                self.notice(f"plots not written: {err}")
+        self.run_dir_lifecycle.close()
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
                          last_eval.get("eval_loss"), time.perf_counter() - t_start)
 
@@ -477,7 +478,7 @@ class Trainer:
         cfg, env = self.config, self.env
         shape = "x".join(str(n) for n in self.data.input_shape)
         graphs = f", cuda graphs {self.graphs_reason}" if env.device.type == "cuda" else ""
-        self.progress.message(
+        self.notice(
             f"{cfg.model.name} on {cfg.data.name} (input {shape}): global batch {cfg.batch_size} = "
             f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
@@ -485,7 +486,7 @@ class Trainer:
             f"device {env.device}{graphs}; launcher: {env.launcher}"
         )
         if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
-            self.progress.message(
+            self.notice(
                 f"warning: batch_size {cfg.batch_size} gives only {self.steps_per_epoch} step(s) per epoch of "
                 f"{self.data.num_train} examples; warm-up and decay get little room (a smaller batch_size helps)"
             )
@@ -536,7 +537,7 @@ class Trainer:
             return
         writer.write({"kind": "eval", "step": self.step, "epoch": epochs_done, "elapsed_s": elapsed, **result})
         top5 = f" top-5 {result['top5']:.2f}%" if result["top5"] is not None else ""
-        self.progress.message(
+        self.notice(
             f"epoch {epochs_done}: eval loss {result['eval_loss']:.4f} top-1 {result['top1']:.2f}%{top5}"
         )
 
