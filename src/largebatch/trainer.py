@@ -230,6 +230,7 @@ class Trainer:
     # ---- run directory and checkpoints --------------------------------------------------------
 
     def _resume_from(self, path: Path) -> None:
+        """Weights, optimizer and scaler from the checkpoint at ``path``; the loop continues at its step."""
         loop = self.checkpointer.load(path, self.total_steps)
         self.step, self.best_top1, self._eval_pending = loop.step, loop.best_top1, loop.eval_pending
 
