@@ -115,10 +115,10 @@ def test_a_new_input_signature_captures_again(seed):
 class _GraphedOnCPU(Trainer):
     """The trainer with its step behind GraphedStep, replayed by the eager stand-in."""
 
-    def _make_step(self):
+    def _make_step_fn(self):
         self.graphs_reason = "on (eager stand-in)"
         self.backend = EagerBackend()
-        return GraphedStep(self._compute_step, self._step_state, backend=self.backend)
+        return GraphedStep(self._eager_step, self._step_state, backend=self.backend)
 
 
 class _GraphedStopAt(_GraphedOnCPU):

@@ -167,7 +167,7 @@ def test_capture_with_the_loader_pinning_alongside(tmp_path):
     trainer = Trainer(load_config(None, small_config(tmp_path, "pinning", **options)))
     assert trainer.graphed
     trainer.run()
-    assert trainer._step.captured and trainer._step.failed is None
+    assert trainer._step_fn.captured and trainer._step_fn.failed is None
 
 
 def test_triton_table_is_not_rebuilt_in_capture_and_graphs_match_eager(tmp_path):
@@ -178,7 +178,7 @@ def test_triton_table_is_not_rebuilt_in_capture_and_graphs_match_eager(tmp_path)
     Trainer(load_config(None, small_config(tmp_path, "eager", **options, cuda_graphs="off"))).run()
     graphed = Trainer(load_config(None, small_config(tmp_path, "graphed", **options, cuda_graphs="on")))
     graphed.run()
-    assert graphed._step.captured and graphed._step.failed is None
+    assert graphed._step_fn.captured and graphed._step_fn.failed is None
     a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "graphed")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)

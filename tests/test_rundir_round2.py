@@ -52,7 +52,7 @@ def killed_overwrite(run: Path, pairs: dict[str, object]) -> None:
     """The directory as an ``--overwrite`` killed before its first step leaves it: the old run in
     .replaced/, the new run's config.yaml and empty checkpoints/ in place, the lock released."""
     trainer = Trainer(config_of(pairs), overwrite=True)
-    trainer.rundir._lock.release()  # what the kernel does for a killed process
+    trainer.run_dir_lifecycle._lock.release()  # what the kernel does for a killed process
     del trainer
 
 

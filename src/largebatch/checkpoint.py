@@ -1,4 +1,6 @@
-"""Checkpoints that survive crashes: atomic writes, an integrity check, loading that runs no code.
+"""The checkpoint file format: atomic writes, an integrity check, loading that runs no code.
+
+When the trainer writes which state, and reads it back, is :mod:`largebatch.checkpointer`.
 
 Each checkpoint is ``step_NNNNNNNN.pt`` with a ``.sha256`` beside it. Both are written to
 temporary files, fsynced and renamed, the digest last, so a checkpoint counts only once it is

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from largebatch import checkpoint as ckpt
 from largebatch import faults, stop_signals
-from largebatch.config import ConfigError, TrainConfig, batch_plan, to_dict
+from largebatch.checkpointer import Checkpointer, LoopState
+from largebatch.config import ConfigError, TrainConfig, batch_plan
 from largebatch.cuda_graph import GraphedStep, graphs_decision
 from largebatch.data import DataSource, build_dataset
 from largebatch.data.base import Batch
@@ -42,7 +42,6 @@ from largebatch.distributed import (
     DistEnv,
     all_reduce_sum,
     any_rank_max,
-    broadcast_object,
     compress_gradients,
     host_group,
     init_distributed,
@@ -126,7 +125,8 @@ class Trainer:
         self.config = config
         self.env = env or init_distributed(config.device, timeout_s=config.dist_timeout_s)
         self.run_dir = Path(config.out)
-        self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)
+        self.progress = Progress(0, enabled=config.progress, is_main=self.env.is_main)  # the progress line
+        self.notice = self.progress.message  # a message line on rank 0 (clears the progress line first)
         self._stop_requested = False  # set by a stop signal (or a test) until the run ends
         self._stop_signal: int | None = None  # the first signal that asked for the stop
         self._interrupts = 0  # Ctrl-Cs seen: the second one stops at once
@@ -181,22 +181,27 @@ class Trainer:
             compress_gradients(runner, config.dist.grad_dtype)
         self.runner = runner
         self.guard = DivergenceGuard(self.env.device)
-        self._step = self._make_step()
-        self.graphed = isinstance(self._step, GraphedStep)
+        self._step_fn = self._make_step_fn()
+        self.graphed = isinstance(self._step_fn, GraphedStep)
 
         self.step = 0
         self.best_top1 = -1.0
         self._eval_pending = False  # this step's evaluation was skipped by a stop: done first on resume
         # only now, with data and model known to be usable, is the run directory touched
-        self.rundir = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.progress.message)
-        resume_path = self.rundir.open(resume, overwrite)
+        self.run_dir_lifecycle = RunDir(self.run_dir, config, is_main=self.env.is_main, notice=self.notice)
+        self.checkpointer = Checkpointer(
+            self.run_dir_lifecycle, config, self.env, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            micro_batch=self.micro_batch, accumulation=self.accumulation,
+            classes=list(getattr(self.data, "classes", None) or []), notice=self.notice,
+        )
+        resume_path = self.run_dir_lifecycle.open(resume, overwrite)
         self.resumed = resume_path is not None
         try:  # from here to run()'s end, whatever is raised takes away what this run created
             if resume_path is not None:
-                self._load(resume_path)
+                self._resume_from(resume_path)
             self.progress.total = self.total_steps
         except BaseException:
-            self.rundir.close(discard=True)
+            self.run_dir_lifecycle.close(discard=True)
             raise
 
     def _model_options(self) -> dict[str, Any]:
@@ -209,7 +214,7 @@ class Trainer:
                 options[key] = value
         return options
 
-    def _make_step(self) -> Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]:
+    def _make_step_fn(self) -> Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]:
         """The eager step, or the same step captured as a CUDA graph where ``cuda_graphs`` allows it."""
         input_bytes = self.accumulation * self.micro_batch * (4 * math.prod(self.data.input_shape) + 8)
         use, self.graphs_reason = graphs_decision(
@@ -218,114 +223,30 @@ class Trainer:
             implementation=self.config.optim.implementation,  # config folds optim.fused into it
         )
         if not use:
-            return self._compute_step
+            return self._eager_step
         on_failure = None
         if self.config.cuda_graphs == "auto":
-            on_failure = lambda why: self.progress.message(f"cuda graphs off: capture failed ({why})")  # noqa: E731
-        return GraphedStep(self._compute_step, self._step_state, on_failure=on_failure)
+            on_failure = lambda why: self.notice(f"cuda graphs off: capture failed ({why})")  # noqa: E731
+        return GraphedStep(self._eager_step, self._step_state, on_failure=on_failure)
 
     # ---- run directory and checkpoints --------------------------------------------------------
 
-    def _payload(self) -> dict[str, Any]:
-        return {
-            "format": ckpt.FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best_top1": self.best_top1,
-            "world_size": self.env.world_size,
-            "micro_batch": self.micro_batch,
-            "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None,
-            "config": to_dict(self.config),
-            "eval_pending": self._eval_pending,
-            "classes": list(getattr(self.data, "classes", None) or []),  # index -> name, for inference
-        }
-
-    def _load(self, path: Path) -> None:
-        payload = ckpt.load_checkpoint(path, map_location=self.env.device)
-        try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            self.scaler.load_state_dict(payload["scaler"])
-            self.step = int(payload["step"])
-            self.best_top1 = float(payload.get("best_top1", -1.0))
-            self._eval_pending = bool(payload.get("eval_pending", False))
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer: "
-                                       f"{first_line(err, 200)}") from None
-        named = ckpt.step_of_name(path)
-        if named is not None and named != self.step:
-            self.progress.message(f"checkpoint {path.name} holds step {self.step}, not {named} (renamed?); "
-                                  f"resuming at step {self.step}")
-        if not (self.run_dir / "checkpoints" / "best.pt").exists():
-            self.best_top1 = -1.0  # a fork (or a run whose best.pt is gone) writes its own best.pt
-        self._keep_threads(payload.get("threads"))
-        if self.step > self.total_steps:
-            raise ConfigError(f"checkpoint {path} is at step {self.step}, beyond this run's {self.total_steps} steps")
-        if payload.get("world_size") != self.env.world_size:
-            self.progress.message(
-                f"resuming a run of world size {payload.get('world_size')} with {self.env.world_size}: "
-                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
-            )
-        elif isinstance(payload.get("micro_batch"), int) and payload["micro_batch"] != self.micro_batch:
-            self.progress.message(
-                f"resuming a run of micro-batch {payload['micro_batch']} with {self.micro_batch}: "
-                f"global batch kept at {self.config.batch_size}, accumulation now {self.accumulation}"
-            )
-        self.progress.message(f"resumed from {path} at step {self.step}")
-
-    def _keep_threads(self, threads: Any) -> None:
-        """A resumed CPU run keeps its thread count (results differ in the last bits with another)
-        unless the config sets one; a set count that differs from the run's is announced."""
-        now = torch.get_num_threads()
-        if self.env.device.type != "cpu" or not isinstance(threads, int) or threads == now:
-            return
-        if self.config.threads is None:
-            torch.set_num_threads(threads)
-            self.progress.message(f"keeping the run's {threads} CPU thread(s) (this machine would use {now}; "
-                                  "set threads to change it)")
-        else:
-            self.progress.message(f"resuming a run of {threads} CPU thread(s) with {now}: "
-                                  "results may differ from an uninterrupted run in the last bits")
-
-    def _agree(self, error: str | None) -> None:
-        """Rank 0's write result, shared so that every rank stops together on a failed write."""
-        error = broadcast_object(error)  # type: ignore[assignment]
-        if error:
-            raise ckpt.CheckpointError(error)
+    def _resume_from(self, path: Path) -> None:
+        """Weights, optimizer and scaler from the checkpoint at ``path``; the loop continues at its step."""
+        loop = self.checkpointer.load(path, self.total_steps)
+        self.step, self.best_top1, self._eval_pending = loop.step, loop.best_top1, loop.eval_pending
 
     def save(self, name: str | None = None) -> None:
         """Checkpoint the current step (rank 0 writes), never a diverged model; all ranks call it."""
         self._check_finite()
-        error = None
-        if self.env.is_main:
-            directory = self.run_dir / "checkpoints"
-            moved = self.rundir.moved_to()
-            if moved is not None:  # write where the run now is, never re-create the old path
-                directory = moved / "checkpoints"
-            try:
-                if name is not None:
-                    ckpt.save_checkpoint(directory / name, self._payload())
-                if name is None or moved is not None:  # a moved run stops with its step's checkpoint
-                    step, rank = self.step, self.env.rank
-                    ckpt.save_checkpoint(ckpt.step_path(directory, step), self._payload(),
-                                         before_commit=lambda: faults.maybe_kill("checkpoint", step, rank)
-                                         or faults.maybe_pause("checkpoint", step, rank))
-                    ckpt.prune(directory, self.config.keep_checkpoints)
-            except ckpt.CheckpointError as err:
-                error = str(err)
-            if moved is not None and error is None:
-                error = (f"run directory {self.run_dir} was moved to {moved} while the run ran; stopped at step "
-                         f"{self.step} with its checkpoint there; continue with --out {moved} --resume auto")
-        self._agree(error)
+        self.checkpointer.save(LoopState(self.step, self.best_top1, self._eval_pending), name)
 
     def _check_finite(self) -> None:
         """Read the divergence guard (one all-reduce, one host read): stop at the first bad step."""
         step = self.guard.first_bad_step(never=self.total_steps)
         if step is not None:
-            kept = ckpt.step_checkpoints(self.run_dir / "checkpoints")
-            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet"
+            kept = self.checkpointer.newest_step_file()
+            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
             # step + 1: the update counted as metrics.jsonl counts it (the first update is step 1)
             raise DivergenceError(
                 f"non-finite loss or gradient at step {step + 1} (lr {self.schedule(max(step, 0)):.4g}); "
@@ -351,9 +272,9 @@ class Trainer:
         self.runner.train()
         torch.manual_seed(step_seed(self.config.seed, self.env.rank, self.step))
         self.learning_rate.set(self.schedule(self.step))
-        return self._step(micro_batches)
+        return self._step_fn(micro_batches)
 
-    def _compute_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and update: the part a CUDA graph captures (device work only)."""
         # zeroed in place, not freed: gradients keep their addresses, so the Triton optimizers'
         # address table is built once, and never during a CUDA graph's capture (docs/models_and_data.md)
@@ -457,8 +378,8 @@ class Trainer:
         return any_rank_max(code, self._host_group)
 
     def _interrupted_now(self) -> Preempted:
-        steps = ckpt.step_checkpoints(self.run_dir / "checkpoints") if self.env.is_main else []
-        return stop_signals.interrupted_now(self.step, self.run_dir, steps[-1] if steps else None)
+        newest = self.checkpointer.newest_step_file() if self.env.is_main else None
+        return stop_signals.interrupted_now(self.step, self.run_dir, newest)
 
     def _report_lost_steps(self) -> None:
         """On resume: the steps logged after the checkpoint (a stop that came too late for a checkpoint)."""
@@ -471,7 +392,7 @@ class Trainer:
             return
         last = max((int(r.get("step", 0)) for r in rows), default=0)
         if last > self.step:
-            self.progress.message(
+            self.notice(
                 f"{last - self.step} step(s) logged after the checkpoint of step {self.step} were lost "
                 f"(the run ended without a checkpoint of its last step); they are trained again"
             )
@@ -489,7 +410,7 @@ class Trainer:
             self._host_group = host_group()
             if self.env.is_main:
                 writer = MetricsWriter(self.run_dir, resume_after_step=self.step if self.resumed else None,
-                                       notice=self.progress.message)
+                                       notice=self.notice)
             if self._eval_pending:  # the evaluation a stop skipped before this checkpoint
                 self._eval_pending = False
                 try:
@@ -505,7 +426,7 @@ class Trainer:
                 window.add(loss)
                 self.step += 1
                 if self.step == start_step + 1:
-                    self.rundir.commit()  # no longer a refused run: what --overwrite replaced goes
+                    self.run_dir_lifecycle.commit()  # no longer a refused run: what --overwrite replaced goes
                 faults.maybe_kill("step", self.step, self.env.rank)
                 faults.maybe_pause("step", self.step, self.env.rank)
                 stop = records_failed = False
@@ -541,16 +462,16 @@ class Trainer:
             if writer:
                 writer.close()
             if not finished:  # refused before its first step, or a user error before its first checkpoint:
-                early = isinstance(sys.exc_info()[1], UserError) and not self.rundir.wrote_checkpoint()
-                self.rundir.close(discard=self.step == start_step or early)  # what it created goes
+                early = isinstance(sys.exc_info()[1], UserError) and not self.run_dir_lifecycle.wrote_checkpoint()
+                self.run_dir_lifecycle.close(discard=self.step == start_step or early)  # what it created goes
         try:
             with stopping:
                 if self.env.is_main:
-                    publish_plots(self.run_dir, self.step, self.env.rank, self.progress.message)
+                    publish_plots(self.run_dir, self.step, self.env.rank, self.notice)
         finally:
-            self.rundir.close()
+            self.run_dir_lifecycle.close()
         if self.env.is_main and self.resumed and start_step == self.total_steps:  # nothing was left to train
-            self.progress.message(self.rundir.finished_notice(self.step))
+            self.notice(self.run_dir_lifecycle.finished_notice(self.step))
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
                          last_eval.get("eval_loss"), time.perf_counter() - t_start)
 
@@ -564,7 +485,7 @@ class Trainer:
         cfg, env = self.config, self.env
         shape = "x".join(str(n) for n in self.data.input_shape)
         graphs = f", cuda graphs {self.graphs_reason}" if env.device.type == "cuda" else ""
-        self.progress.message(
+        self.notice(
             f"{cfg.model.name} on {cfg.data.name} (input {shape}): global batch {cfg.batch_size} = "
             f"{env.world_size} process(es) x {self.micro_batch} x {self.accumulation} accumulation, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, {cfg.optim.name}, "
@@ -572,7 +493,7 @@ class Trainer:
             f"device {env.device}{graphs}; launcher: {env.launcher}"
         )
         if self.steps_per_epoch < FEW_STEPS_PER_EPOCH:
-            self.progress.message(
+            self.notice(
                 f"warning: batch_size {cfg.batch_size} gives only {self.steps_per_epoch} step(s) per epoch of "
                 f"{self.data.num_train} examples; warm-up and decay get little room (a smaller batch_size helps)"
             )
@@ -623,7 +544,7 @@ class Trainer:
             return
         writer.write({"kind": "eval", "step": self.step, "epoch": epochs_done, "elapsed_s": elapsed, **result})
         top5 = f" top-5 {result['top5']:.2f}%" if result["top5"] is not None else ""
-        self.progress.message(
+        self.notice(
             f"epoch {epochs_done}: eval loss {result['eval_loss']:.4f} top-1 {result['top1']:.2f}%{top5}"
         )
 
