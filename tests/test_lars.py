@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lars_step
-from torch.overrides import TorchFunctionMode
+from support.optim import NoHostSync
 
 from largebatch.optim import LARS, lars_trust_ratio, param_groups
 
@@ -141,17 +141,6 @@ def test_lr_may_be_a_tensor(path, seed):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
 
 
-class _NoHostSync(TorchFunctionMode):
-    """Fails on any call that would read a tensor's value back to the host."""
-
-    FORBIDDEN = frozenset({"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation inside step(): {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("path", ["single", "foreach"])
 @pytest.mark.parametrize("case", ["plain", "clip", "nesterov", "no_momentum"])
 def test_step_never_syncs_and_never_writes_grad(path, case, seed):
@@ -161,7 +150,7 @@ def test_step_never_syncs_and_never_writes_grad(path, case, seed):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     grads_before = [p.grad.clone() for p in params]
-    with _NoHostSync():
+    with NoHostSync():
         opt.step()
         opt.step()
     for p, g in zip(params, grads_before, strict=True):

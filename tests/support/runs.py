@@ -20,6 +20,16 @@ TINY_DATA = {"shape": [1, 8, 8], "num_classes": 4, "num_train": 512, "num_eval":
 # the quick options of the command line tests: the smallest model, one thread, no progress bar
 QUICK = ["--model", "mlp", "--set", "threads=1", "--no-progress"]
 
+# BatchNorm, dropout, augmentation and accumulation: every kind of state a step carries
+STATEFUL_RUN = {
+    "model.name": "alexnet_bn_small",
+    "model.options": {"width": 4, "hidden": 16},
+    "data.options": {"shape": [1, 28, 28], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512},
+    "data.augment": True,
+    "micro_batch": 64,
+    "log_every": 1,
+}
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 CLI = ["-m", "largebatch.cli"]
 
