@@ -16,6 +16,8 @@ from largebatch.cli import main
 from largebatch.config import ConfigError, batch_plan, load_config
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = main(["train", *args])
     err = capsys.readouterr().err.strip().splitlines()

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def _conv_and_bias(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter((torch.randn(8, 4, 3, 3) * 0.1).to(dtype)),
             torch.nn.Parameter((torch.randn(8) * 0.1).to(dtype))]

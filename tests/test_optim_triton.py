@@ -22,13 +22,10 @@ from largebatch.optim._common import chosen_implementation
 
 triton = pytest.importorskip("triton")
 # 0/0 in a ratio the kernel then replaces by 1 (zero norms): numpy warns in the interpreter
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
-                                        "ignore:invalid value:RuntimeWarning")
+pytestmark = [pytest.mark.usefixtures("interpreter"),
+              pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")]
 
 SHAPES = [(6, 4), (9,), (5, 3, 3, 3), (7,), (3, 5)]
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _run(opt, params, grads_per_step, lrs):
