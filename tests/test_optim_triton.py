@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
-from support.optim import TRITON_LARS_CASES, NoHostSync, lars_reference_steps
+from support.optim import LARS_CASES, NoHostSync, lars_reference_steps
 
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.optim import _triton as triton_path
@@ -37,10 +37,10 @@ def _run(opt, params, grads_per_step, lrs):
         opt.step()
 
 
-@pytest.mark.parametrize("case", TRITON_LARS_CASES)
+@pytest.mark.parametrize("case", LARS_CASES)
 def test_lars_matches_float64_reference(case, seed):
     gen = torch.Generator().manual_seed(seed)
-    opts = TRITON_LARS_CASES[case]
+    opts = LARS_CASES[case]
     init = [torch.randn(s, generator=gen) for s in SHAPES]
     init[1].zero_()  # ||w|| = 0 -> r = 1
     params = [torch.nn.Parameter(t.clone()) for t in init]
@@ -64,7 +64,7 @@ def test_lars_matches_float64_reference(case, seed):
 def test_lars_low_precision_follows_the_reference(dtype, case, seed):
     """bf16/fp16 parameters, gradients and buffers: within a few units in the last place."""
     gen = torch.Generator().manual_seed(seed)
-    opts = dict(TRITON_LARS_CASES[case], trust_coefficient=0.05)
+    opts = dict(LARS_CASES[case], trust_coefficient=0.05)
     init = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = LARS(params, lr=1.0, **opts, implementation="triton")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
-from support.optim import TRITON_LARS_CASES, lars_reference_steps
+from support.optim import LARS_CASES, lars_reference_steps
 
 from largebatch.optim import LAMB, LARS
 
@@ -37,10 +37,10 @@ def _steps(opt, params, grads_per_step, lrs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", sorted(TRITON_LARS_CASES))
+@pytest.mark.parametrize("case", sorted(LARS_CASES))
 def test_lars_on_the_gpu_matches_float64(case, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    opts = TRITON_LARS_CASES[case]
+    opts = LARS_CASES[case]
     init = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
     opt = LARS(params, lr=1.0, **opts, implementation="triton")

@@ -1,5 +1,5 @@
-"""Optimizer test helpers: a mode that fails on host syncs, the LARS option sets of the Triton
-tests, and a multi-step driver over the float64 LARS step in tests/reference.py."""
+"""Optimizer test helpers: a mode that fails on host syncs, the LARS option sets the tests share,
+and a multi-step driver over the float64 LARS step in tests/reference.py."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ class NoHostSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-# the LARS option sets the Triton kernels are checked on (CPU interpreter and real GPU)
-TRITON_LARS_CASES = {
+# the LARS option sets every implementation is checked on (single, foreach, Triton on CPU and GPU)
+LARS_CASES = {
     "plain": dict(momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=0.0),
     "eps_and_strong_decay": dict(momentum=0.8, weight_decay=0.05, trust_coefficient=0.02, eps=1e-3),
     "no_momentum": dict(momentum=0.0, weight_decay=1e-3, trust_coefficient=0.01, eps=0.0),
