@@ -7,7 +7,6 @@ test's signal (``LARGEBATCH_PAUSE``), so where a stop lands never depends on tim
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,14 +16,14 @@ from pathlib import Path
 import pytest
 import slurm_cluster
 from support.checkpoints import newest, same_weights, weights
-from support.runs import cli_args, command, run_process, tiny_config
+from support.runs import cli_args, cli_env, command, run_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch.distributed import LaunchError, detect_launch, first_host, slurm_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), LARGEBATCH_PYTHON=sys.executable)
+ENV = cli_env(PYTHONPATH=str(ROOT / "src"), LARGEBATCH_PYTHON=sys.executable)
 
 # ---- the launcher, from the environment srun gives each task -------------------------------------
 
