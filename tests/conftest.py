@@ -1,4 +1,6 @@
-"""Shared fixtures: a fresh random seed per check, reported on failure."""
+"""Shared fixtures: a fresh random seed per check (reported on failure), and Triton's CPU interpreter.
+
+Shared helpers that are not fixtures live in tests/support."""
 
 from __future__ import annotations
 
@@ -15,6 +17,15 @@ def seed(request) -> int:
     request.node.user_properties.append(("seed", value))
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Triton kernels run by Triton's CPU interpreter in this test, on CPU tensors; skips without triton.
+
+    The kernels are jitted on first use, when the variable is read, so setting it per test works."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def pytest_runtest_makereport(item, call):

@@ -9,24 +9,19 @@ import struct
 from pathlib import Path
 
 import pytest
+from support.images import jpeg_folder
+from support.runs import QUICK, synthetic_args
 
 from largebatch.cli import main
 from largebatch.config import ConfigError, batch_plan, load_config
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-QUICK = ["--model", "mlp", "--set", "threads=1", "--no-progress"]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = main(["train", *args])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
-
-
-def synthetic_args(tmp_path: Path, *extra: str) -> list[str]:
-    data = {"shape": [1, 8, 8], "num_classes": 3, "num_train": 64, "num_eval": 16, "pool_size": 64}
-    return ["--data", "synthetic", "--set", f"data.options={json.dumps(data)}", "--batch-size", "32",
-            "--epochs", "1", "--out", str(tmp_path / "run"), *QUICK, *extra]
 
 
 @pytest.mark.parametrize(
@@ -97,19 +92,6 @@ def test_wrong_magic_and_truncated_idx_files_name_the_file(tmp_path, capsys):
     assert code == 2 and line == f"largebatch: error: {labels}: truncated header (6 bytes, need 8)"
 
 
-def _jpeg_folder(root: Path, corrupt: bool) -> None:
-    from PIL import Image
-
-    for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(folder / f"{i}.jpg")
-    if corrupt:
-        (root / "train" / "dog" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-
-
 def test_image_folder_without_classes_and_with_a_corrupt_jpeg(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
@@ -118,7 +100,7 @@ def test_image_folder_without_classes_and_with_a_corrupt_jpeg(tmp_path, capsys):
     code, line = run_cli(args, capsys)
     assert code == 2 and line == f"largebatch: error: imagefolder: no class folders in {empty / 'train'}"
     images = tmp_path / "images"
-    _jpeg_folder(images, corrupt=True)
+    jpeg_folder(images, corrupt=True)
     args[3] = str(images)
     code, line = run_cli(args, capsys)
     assert code == 2

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import final_weights, metric_rows, small_config
+from support.checkpoints import final_weights, metric_rows
+from support.runs import STATEFUL_RUN, config_of, run_cli, synthetic_args, tiny_config
 
-from largebatch.config import ConfigError, load_config
+from largebatch.config import ConfigError
 from largebatch.cuda_graph import MAX_STATIC_INPUT_BYTES, EagerBackend, GraphedStep, graphs_decision
 from largebatch.optim import LARS
 from largebatch.trainer import Preempted, Trainer
@@ -131,27 +132,16 @@ class _GraphedStopAt(_GraphedOnCPU):
         return out
 
 
-# BatchNorm, dropout, augmentation and accumulation: every kind of state a step carries
-OPTIONS = {
-    "model.name": "alexnet_bn_small",
-    "model.options": {"width": 4, "hidden": 16},
-    "data.options": {"shape": [1, 28, 28], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512},
-    "data.augment": True,
-    "micro_batch": 64,
-    "log_every": 1,
-}
-
-
 def test_graphed_trainer_run_and_resume_equal_the_eager_run(tmp_path):
-    eager = Trainer(load_config(None, small_config(tmp_path, "eager", **OPTIONS))).run()
-    graphed = _GraphedOnCPU(load_config(None, small_config(tmp_path, "graphed", **OPTIONS)))
+    eager = Trainer(config_of(tiny_config(tmp_path / "eager", **STATEFUL_RUN))).run()
+    graphed = _GraphedOnCPU(config_of(tiny_config(tmp_path / "graphed", **STATEFUL_RUN)))
     assert graphed.graphed
     graphed.run()
     assert graphed.backend.captures == 1
     _GraphedStopAt.stop_at = 3
     with pytest.raises(Preempted):
-        _GraphedStopAt(load_config(None, small_config(tmp_path, "resumed", **OPTIONS))).run()
-    resumed = _GraphedOnCPU(load_config(None, small_config(tmp_path, "resumed", **OPTIONS)), resume="auto").run()
+        _GraphedStopAt(config_of(tiny_config(tmp_path / "resumed", **STATEFUL_RUN))).run()
+    resumed = _GraphedOnCPU(config_of(tiny_config(tmp_path / "resumed", **STATEFUL_RUN)), resume="auto").run()
     assert eager.steps == resumed.steps == 8
     reference = final_weights(tmp_path / "eager")
     for name in ("graphed", "resumed"):
@@ -165,10 +155,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_real_capture_matches_eager_on_cuda(tmp_path):
-    options = {**OPTIONS, "model.name": "resnet_small", "model.options": {}, "data.augment": False,
+    options = {**STATEFUL_RUN, "model.name": "resnet_small", "model.options": {}, "data.augment": False,
                "device": "cuda", "precision": "fp32"}
-    Trainer(load_config(None, small_config(tmp_path, "eager", **options, cuda_graphs="off"))).run()
-    graphed = Trainer(load_config(None, small_config(tmp_path, "graphed", **options, cuda_graphs="on")))
+    Trainer(config_of(tiny_config(tmp_path / "eager", **options, cuda_graphs="off"))).run()
+    graphed = Trainer(config_of(tiny_config(tmp_path / "graphed", **options, cuda_graphs="on")))
     assert graphed.graphed
     graphed.run()
     a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "graphed")
@@ -178,7 +168,7 @@ def test_real_capture_matches_eager_on_cuda(tmp_path):
 
 @needs_cuda
 def test_cuda_auto_default_captures_a_small_batch_run(tmp_path):
-    config = load_config(None, small_config(tmp_path, "auto", device="cuda"))
+    config = config_of(tiny_config(tmp_path / "auto", device="cuda"))
     trainer = Trainer(config)
     assert trainer.graphed and trainer.graphs_reason == "on"
     assert torch.backends.cudnn.benchmark  # fixed shapes: autotuned once
@@ -249,8 +239,6 @@ def test_cuda_warm_up_runs_on_a_side_stream_ordered_both_ways(monkeypatch):
 ])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on is valid where CUDA exists")
 def test_cli_refuses_cuda_graphs_it_cannot_honour_in_one_line(tmp_path, capsys, value, message):
-    from test_bad_input import run_cli, synthetic_args
-
-    code, line = run_cli(synthetic_args(tmp_path, "--set", f"cuda_graphs={value}"), capsys)
+    code, line, _ = run_cli(["train", *synthetic_args(tmp_path, "--set", f"cuda_graphs={value}")], capsys)
     assert (code, line) == (2, f"largebatch: error: {message}")
     assert not (tmp_path / "run").exists()

@@ -10,10 +10,10 @@ import importlib
 
 import pytest
 import torch
-from test_data_batch_decode import write_textured_tree
-from test_trainer import final_weights, small_config
+from support.checkpoints import final_weights
+from support.images import write_textured_tree
+from support.runs import STATEFUL_RUN, config_of, tiny_config
 
-from largebatch.config import load_config
 from largebatch.data.batch_decode import decode_jpegs, device_decode_available
 from largebatch.trainer import Trainer
 
@@ -112,7 +112,7 @@ def test_ordinary_steps_never_wait_for_the_gpu(tmp_path, source, monkeypatch):
         options.update({"batch_size": 32})
     options.update({"device": "cuda", "log_every": 4, "epochs": 2})
     _Strict.checked = 0
-    result = _Strict(load_config(None, small_config(tmp_path, source, **options))).run()
+    result = _Strict(config_of(tiny_config(tmp_path / source, **options))).run()
     assert result.steps >= 6 and _Strict.checked >= 3
 
 
@@ -125,7 +125,7 @@ def test_fashion_mnist_steps_never_wait_for_the_gpu(tmp_path):
     _Strict.checked = 0
     options = {"data.name": "fashion_mnist", "data.options": {}, "data.augment": True, "model.name": "mlp",
                "device": "cuda", "batch_size": 4096, "epochs": 1, "log_every": 5}
-    result = _Strict(load_config(None, small_config(tmp_path, "fmnist", **options))).run()
+    result = _Strict(config_of(tiny_config(tmp_path / "fmnist", **options))).run()
     assert result.steps >= 6 and _Strict.checked >= 3
 
 
@@ -164,7 +164,7 @@ def test_capture_with_the_loader_pinning_alongside(tmp_path):
                "data.options": {"decode": "cpu", "workers": 2, "image_size": 24, "resize": 28},
                "model.name": "resnet_small", "model.options": {}, "device": "cuda", "batch_size": 16,
                "cuda_graphs": "on", "epochs": 1}
-    trainer = Trainer(load_config(None, small_config(tmp_path, "pinning", **options)))
+    trainer = Trainer(config_of(tiny_config(tmp_path / "pinning", **options)))
     assert trainer.graphed
     trainer.run()
     assert trainer._step_fn.captured and trainer._step_fn.failed is None
@@ -175,8 +175,8 @@ def test_triton_table_is_not_rebuilt_in_capture_and_graphs_match_eager(tmp_path)
     weights equal the eager run's."""
     options = {"model.name": "resnet_small", "model.options": {}, "device": "cuda", "micro_batch": 64,
                "optim.implementation": "triton", "data.augment": False}
-    Trainer(load_config(None, small_config(tmp_path, "eager", **options, cuda_graphs="off"))).run()
-    graphed = Trainer(load_config(None, small_config(tmp_path, "graphed", **options, cuda_graphs="on")))
+    Trainer(config_of(tiny_config(tmp_path / "eager", **options, cuda_graphs="off"))).run()
+    graphed = Trainer(config_of(tiny_config(tmp_path / "graphed", **options, cuda_graphs="on")))
     graphed.run()
     assert graphed._step_fn.captured and graphed._step_fn.failed is None
     a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "graphed")
@@ -200,19 +200,17 @@ def test_real_capture_through_run_preempt_and_resume(tmp_path):
     """Graphs on a real GPU: a run pre-empted at step 3 and resumed ends where the uninterrupted
     graphed run ends, and near the eager run (within rounding: cuDNN may pick atomics-based
     kernels, so not bit for bit)."""
-    from test_cuda_graph import OPTIONS
-
     from largebatch.trainer import Preempted
 
-    options = {**OPTIONS, "device": "cuda", "precision": "fp32"}
-    Trainer(load_config(None, small_config(tmp_path, "eager", **options, cuda_graphs="off"))).run()
-    whole = Trainer(load_config(None, small_config(tmp_path, "whole", **options, cuda_graphs="on")))
+    options = {**STATEFUL_RUN, "device": "cuda", "precision": "fp32"}
+    Trainer(config_of(tiny_config(tmp_path / "eager", **options, cuda_graphs="off"))).run()
+    whole = Trainer(config_of(tiny_config(tmp_path / "whole", **options, cuda_graphs="on")))
     assert whole.graphed
     whole.run()
     _StopAt.stop_at = 3
     with pytest.raises(Preempted):
-        _StopAt(load_config(None, small_config(tmp_path, "resumed", **options, cuda_graphs="on"))).run()
-    resumed = Trainer(load_config(None, small_config(tmp_path, "resumed", **options, cuda_graphs="on")),
+        _StopAt(config_of(tiny_config(tmp_path / "resumed", **options, cuda_graphs="on"))).run()
+    resumed = Trainer(config_of(tiny_config(tmp_path / "resumed", **options, cuda_graphs="on")),
                       resume="auto")
     assert resumed.run().steps == whole.step
     a, b, c = (final_weights(tmp_path / name) for name in ("whole", "resumed", "eager"))
@@ -237,7 +235,7 @@ def test_triton_table_built_at_most_twice_in_50_eager_steps_with_device_decode(t
                "model.name": "resnet_small", "model.options": {}, "device": "cuda", "batch_size": 16,
                "cuda_graphs": "off", "optim.implementation": "triton", "epochs": 13, "eval_every": 0,
                "log_every": 100}
-    trainer = Trainer(load_config(None, small_config(tmp_path, "drift", **options)))
+    trainer = Trainer(config_of(tiny_config(tmp_path / "drift", **options)))
     result = trainer.run()
     tables = sum(len(e.table.parts) for e in trainer.optimizer._tables.values() if e.table is not None)
     assert result.steps >= 50 and len(builds) <= 2 * tables, f"{len(builds)} builds of {tables} tables"

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from PIL import Image
+from support.runs import cli_args, start_process
 
 from largebatch import checkpoint as ckpt
 from largebatch.data import DataError, build_dataset
@@ -178,11 +177,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143(tmp_path):
         "batch_size": 8, "epochs": 1000, "precision": "fp32", "progress": False, "threads": 1,
         "checkpoint_every": 100_000, "log_every": 1, "out": str(run),
     }
-    cmd = [sys.executable, "-m", "largebatch.cli", "train"]
-    for key, value in pairs.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_process(cli_args(pairs))
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

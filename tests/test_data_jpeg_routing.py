@@ -10,7 +10,7 @@ import os
 
 import torch
 from PIL import Image
-from test_data_batch_decode import collect, eval_all, grey_levels, open_folder, read_bytes, write_textured_tree
+from support.images import collect, eval_all, grey_levels, open_folder, read_bytes, write_textured_tree
 
 from largebatch.data.batch_decode import decode_jpegs, device_decodable, is_complete_jpeg
 

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def _conv_and_bias(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter((torch.randn(8, 4, 3, 3) * 0.1).to(dtype)),
             torch.nn.Parameter((torch.randn(8) * 0.1).to(dtype))]
@@ -107,7 +101,7 @@ def test_fp16_state_laid_out_unlike_the_parameter_is_unscaled_and_skipped(kind, 
 # ---- data: decode=cpu batches, loader-thread failures ------------------------------------------
 
 def _pillow_folder(tmp_path):
-    from test_data_batch_decode import open_folder, write_textured_tree
+    from support.images import open_folder, write_textured_tree
 
     return open_folder(write_textured_tree(tmp_path), decode="cpu")
 
@@ -209,16 +203,15 @@ def test_the_triton_table_is_built_once_while_allocations_drift(tmp_path, interp
     """50+ eager steps of a real Trainer on the Triton path, with every step's gradients kept
     alive elsewhere (so that fresh gradients could never land at the old addresses, as happens
     when decoded images of varying sizes share the allocator): the table is not rebuilt."""
-    from test_trainer import small_config
+    from support.runs import config_of, tiny_config
 
-    from largebatch.config import load_config
     from largebatch.optim import _triton
     from largebatch.trainer import Trainer
 
     builds = []
     build = _triton._build
     monkeypatch.setattr(_triton, "_build", lambda *args: builds.append(1) or build(*args))
-    trainer = Trainer(load_config(None, small_config(tmp_path, "drift", **{
+    trainer = Trainer(config_of(tiny_config(tmp_path / "drift", **{
         "optim.implementation": "triton", "batch_size": 16, "epochs": 2, "log_every": 100})))
     kept = []
     trainer.optimizer.register_step_post_hook(

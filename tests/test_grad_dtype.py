@@ -7,11 +7,9 @@ Fashion-MNIST run with fp32 and with bf16 gradients and compares the accuracies.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from support.runs import run_process
 
 from largebatch.config import ConfigError, load_config
 
@@ -89,12 +87,6 @@ dist.destroy_process_group()
 '''
 
 
-def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_grad_dtype_is_validated():
     assert load_config(None, [("dist.grad_dtype", "bf16")]).dist.grad_dtype == "bf16"
     assert load_config(None).dist.grad_dtype == "fp32"
@@ -106,7 +98,7 @@ def test_grad_dtype_is_validated():
 def test_half_precision_hooks_send_half_the_bytes_and_average_correctly(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "report.json"
     script.write_text(WORKER)
-    done = torchrun([str(script), str(out)])
+    done = run_process([str(out)], torchrun=True, program=[str(script)])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     fp32 = report["fp32"]
@@ -157,7 +149,7 @@ SHORT_RUN = {
 def test_bf16_gradients_train_to_the_same_accuracy(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
-    done = torchrun([str(script), json.dumps(SHORT_RUN), str(tmp_path)])
+    done = run_process([json.dumps(SHORT_RUN), str(tmp_path)], torchrun=True, program=[str(script)])
     assert done.returncode == 0, done.stderr[-3000:]
     top1 = json.loads((tmp_path / "top1.json").read_text())
     # Same seed, data order and initialisation: the runs differ only by the rounding of the

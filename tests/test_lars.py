@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lars_step
-from torch.overrides import TorchFunctionMode
+from support.optim import LARS_CASES, NoHostSync
 
 from largebatch.optim import LARS, lars_trust_ratio, param_groups
 
@@ -26,21 +26,11 @@ def _tensors(gen: torch.Generator, dtype=torch.float64) -> list[torch.Tensor]:
     return ts
 
 
-CASES = {
-    "plain": dict(momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=0.0),
-    "eps_and_strong_decay": dict(momentum=0.8, weight_decay=0.05, trust_coefficient=0.02, eps=1e-3),
-    "no_momentum": dict(momentum=0.0, weight_decay=1e-3, trust_coefficient=0.01, eps=0.0),
-    "nesterov": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, eps=0.0, nesterov=True),
-    "clip": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=2.0, eps=0.0, clip=True),
-    "no_decay": dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.005, eps=0.0),
-}
-
-
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LARS_CASES)
 def test_matches_float64_reference_over_steps(path, case, seed):
     gen = torch.Generator().manual_seed(seed)
-    opts = CASES[case]
+    opts = LARS_CASES[case]
     init = _tensors(gen)
     params = [torch.nn.Parameter(t.clone()) for t in init]
     # two groups: the second excluded from adaptation and decay, as param_groups does for biases
@@ -141,27 +131,16 @@ def test_lr_may_be_a_tensor(path, seed):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
 
 
-class _NoHostSync(TorchFunctionMode):
-    """Fails on any call that would read a tensor's value back to the host."""
-
-    FORBIDDEN = frozenset({"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation inside step(): {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("path", ["single", "foreach"])
 @pytest.mark.parametrize("case", ["plain", "clip", "nesterov", "no_momentum"])
 def test_step_never_syncs_and_never_writes_grad(path, case, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(t) for t in _tensors(gen, dtype=torch.float32)]
-    opt = LARS(params, lr=torch.tensor(0.1), **CASES[case], **PATHS[path])
+    opt = LARS(params, lr=torch.tensor(0.1), **LARS_CASES[case], **PATHS[path])
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     grads_before = [p.grad.clone() for p in params]
-    with _NoHostSync():
+    with NoHostSync():
         opt.step()
         opt.step()
     for p, g in zip(params, grads_before, strict=True):

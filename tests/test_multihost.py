@@ -5,7 +5,6 @@ cleanly instead of hanging. Needs root and iproute2 (CI runs as root)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from largebatch import checkpoint as ckpt
+from support.checkpoints import final_weights
+from support.runs import TINY_DATA, cli_args, cli_env, run_process, tiny_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,7 +24,6 @@ pytestmark = [
 ]
 
 SUBNET = "10.231.{}.{}"
-DATA = {"shape": [1, 8, 8], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512}
 
 
 def _ip(*args: str) -> None:
@@ -67,17 +65,8 @@ def kill_host(name: str) -> None:
 
 
 def train_args(out: Path, **overrides) -> list[str]:
-    pairs = {
-        "model.name": "mlp", "model.options": {"hidden": 32, "depth": 2}, "data.name": "synthetic",
-        "data.options": DATA, "data.augment": False, "batch_size": 128, "epochs": 2, "optim.lr": 2.0,
-        "optim.trust_coefficient": 0.01, "schedule.warmup_epochs": 1.0, "precision": "fp32",
-        "progress": False, "threads": 1, "out": str(out), "dist_timeout_s": 20.0,
-    }
-    pairs.update(overrides)
-    args = ["train"]
-    for key, value in pairs.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
+    """The tiny run, with a 20 s collective timeout so that a lost host is noticed quickly."""
+    return cli_args(tiny_config(out, dist_timeout_s=20.0, **overrides))
 
 
 def launch_on(host: tuple[str, str, str], endpoint: str, args: list[str], run_id: str, store: bool) -> subprocess.Popen:
@@ -87,22 +76,14 @@ def launch_on(host: tuple[str, str, str], endpoint: str, args: list[str], run_id
            "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
            "--rdzv-conf", f"is_host={int(store)}", "--local-addr", addr, "--max-restarts", "0",
            "-m", "largebatch.cli", *args]
-    env = dict(os.environ, GLOO_SOCKET_IFNAME=iface, OMP_NUM_THREADS="1")
+    env = cli_env(GLOO_SOCKET_IFNAME=iface)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_checkpoint(ckpt.step_checkpoints(run_dir / "checkpoints")[-1])["model"]
-
-
 def test_two_hosts_train_like_one_host_and_a_lost_host_stops_the_other(tmp_path, hosts):
     single = tmp_path / "single"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "largebatch.cli", *train_args(single)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
-    )
+    done = run_process(train_args(single), torchrun=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
     endpoint = f"{hosts[0][2]}:29411"
@@ -116,7 +97,7 @@ def test_two_hosts_train_like_one_host_and_a_lost_host_stops_the_other(tmp_path,
 
     # a long run; host B disappears (SIGKILL of its whole process group) in the middle
     long = tmp_path / "long"
-    args = train_args(long, **{"data.options": dict(DATA, num_train=512 * 2000), "epochs": 1, "log_every": 1,
+    args = train_args(long, **{"data.options": dict(TINY_DATA, num_train=512 * 2000), "epochs": 1, "log_every": 1,
                                "checkpoint_every": 100_000})
     procs = [launch_on(host, endpoint, args, "kill", store=i == 0) for i, host in enumerate(hosts)]
     metrics = long / "metrics.jsonl"

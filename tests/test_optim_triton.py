@@ -13,7 +13,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from reference import lamb_step, lars_step
+from reference import lamb_step
+from support.optim import LARS_CASES, NoHostSync, lars_reference_steps
 
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.optim import _triton as triton_path
@@ -21,39 +22,10 @@ from largebatch.optim._common import chosen_implementation
 
 triton = pytest.importorskip("triton")
 # 0/0 in a ratio the kernel then replaces by 1 (zero norms): numpy warns in the interpreter
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
-                                        "ignore:invalid value:RuntimeWarning")
+pytestmark = [pytest.mark.usefixtures("interpreter"),
+              pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")]
 
 SHAPES = [(6, 4), (9,), (5, 3, 3, 3), (7,), (3, 5)]
-CASES = {
-    "plain": dict(momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=0.0),
-    "eps_and_strong_decay": dict(momentum=0.8, weight_decay=0.05, trust_coefficient=0.02, eps=1e-3),
-    "no_momentum": dict(momentum=0.0, weight_decay=1e-3, trust_coefficient=0.01, eps=0.0),
-    "nesterov": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, eps=0.0, nesterov=True),
-    "clip": dict(momentum=0.9, weight_decay=1e-4, trust_coefficient=2.0, eps=0.0, clip=True),
-    "no_decay": dict(momentum=0.9, weight_decay=0.0, trust_coefficient=0.005, eps=0.0),
-}
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _lars_reference(init, grads_per_step, lrs, groups_of, opts):
-    """Float64 reference over several steps; groups_of[i] is True when tensor i is excluded."""
-    ws = [t.double().numpy().copy() for t in init]
-    vs = [np.zeros_like(w) for w in ws]
-    for grads, lr in zip(grads_per_step, lrs, strict=True):
-        for i, g in enumerate(grads):
-            excluded = groups_of[i]
-            ws[i], vs[i] = lars_step(
-                ws[i], g.double().numpy(), vs[i], lr=lr, momentum=opts["momentum"],
-                weight_decay=0.0 if excluded else opts["weight_decay"], eta=opts["trust_coefficient"],
-                eps=opts["eps"], adapt=not excluded, clip=opts.get("clip", False),
-                nesterov=opts.get("nesterov", False),
-            )
-    return ws
 
 
 def _run(opt, params, grads_per_step, lrs):
@@ -65,10 +37,10 @@ def _run(opt, params, grads_per_step, lrs):
         opt.step()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LARS_CASES)
 def test_lars_matches_float64_reference(case, seed):
     gen = torch.Generator().manual_seed(seed)
-    opts = CASES[case]
+    opts = LARS_CASES[case]
     init = [torch.randn(s, generator=gen) for s in SHAPES]
     init[1].zero_()  # ||w|| = 0 -> r = 1
     params = [torch.nn.Parameter(t.clone()) for t in init]
@@ -81,7 +53,7 @@ def test_lars_matches_float64_reference(case, seed):
     grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in lrs]
     grads[2][4].zero_()  # ||g|| = 0 -> r = 1
     _run(opt, params, grads, lrs)
-    ref = _lars_reference(init, grads, lrs, {0: False, 2: False, 4: False, 1: True, 3: True}, opts)
+    ref = lars_reference_steps(init, grads, lrs, {0: False, 2: False, 4: False, 1: True, 3: True}, opts)
     for i, p in enumerate(params):
         np.testing.assert_allclose(p.detach().double().numpy(), ref[i], rtol=1e-5, atol=1e-6,
                                    err_msg=f"tensor {i}")
@@ -92,14 +64,14 @@ def test_lars_matches_float64_reference(case, seed):
 def test_lars_low_precision_follows_the_reference(dtype, case, seed):
     """bf16/fp16 parameters, gradients and buffers: within a few units in the last place."""
     gen = torch.Generator().manual_seed(seed)
-    opts = dict(CASES[case], trust_coefficient=0.05)
+    opts = dict(LARS_CASES[case], trust_coefficient=0.05)
     init = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = LARS(params, lr=1.0, **opts, implementation="triton")
     lrs = [1.0, 2.0, 1.5]
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in lrs]
     _run(opt, params, grads, lrs)
-    ref = _lars_reference(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
+    ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
     for p, w0, w in zip(params, init, ref, strict=True):
         ulp = torch.finfo(dtype).eps * float(np.abs(w).max())
         assert np.abs(w - w0.double().numpy()).max() > 10 * ulp  # the step is far above rounding
@@ -129,7 +101,7 @@ def test_lars_awkward_tables(kind, seed):
     lrs = [0.5] if kind in ("many_tiny", "large_odd_length") else [0.5, 0.25]  # the interpreter is slow
     grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in lrs]
     _run(opt, params, grads, lrs)
-    ref = _lars_reference(init, grads, lrs, dict.fromkeys(range(len(init)), False), opts)
+    ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(init)), False), opts)
     for i, p in enumerate(params):
         np.testing.assert_allclose(p.detach().double().numpy(), ref[i], rtol=1e-5, atol=1e-6,
                                    err_msg=f"tensor {i}")
@@ -145,7 +117,7 @@ def test_lars_zero_norms_and_mixed_dtypes_in_one_group(seed):
     grads = [[torch.randn(t.shape, generator=gen).to(t.dtype) for t in init]]
     grads[0][1].zero_()  # ||g|| = 0
     _run(opt, params, grads, [0.5])
-    ref = _lars_reference(init, grads, [0.5], dict.fromkeys(range(4), False), opts)
+    ref = lars_reference_steps(init, grads, [0.5], dict.fromkeys(range(4), False), opts)
     for p, w in zip(params, ref, strict=True):
         atol = 1e-6 if p.dtype == torch.float32 else 4 * 2.0**-8 * float(np.abs(w).max())
         np.testing.assert_allclose(p.detach().double().numpy(), w, rtol=1e-5, atol=atol)
@@ -412,8 +384,6 @@ class _Launches:
 def test_step_launches_a_fixed_number_of_kernels_without_a_host_sync(optimizer, monkeypatch, seed):
     """Two launches per group and dtype whatever the number of tensors, and no call in the
     Python around them that reads a device value back (checked on the second step, from the cache)."""
-    from test_lars import _NoHostSync
-
     from largebatch.optim import _triton_kernels as kernels
 
     launches = _Launches()
@@ -429,7 +399,7 @@ def test_step_launches_a_fixed_number_of_kernels_without_a_host_sync(optimizer, 
         p.grad = torch.randn(5, generator=gen)
     opt.step()
     launches.calls.clear()
-    with _NoHostSync():
+    with NoHostSync():
         opt.step()
     expected = {"lars": ["lars_norms", "lars_update", "lars_update"],  # no norms where r = 1
                 "lamb": ["lamb_moments", "lamb_update"] * 2}[optimizer]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
-from test_optim_triton import CASES, _lars_reference
+from support.optim import LARS_CASES, lars_reference_steps
 
 from largebatch.optim import LAMB, LARS
 
@@ -37,17 +37,17 @@ def _steps(opt, params, grads_per_step, lrs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(LARS_CASES))
 def test_lars_on_the_gpu_matches_float64(case, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    opts = CASES[case]
+    opts = LARS_CASES[case]
     init = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     params = [torch.nn.Parameter(t.clone().cuda()) for t in init]
     opt = LARS(params, lr=1.0, **opts, implementation="triton")
     lrs = [0.5, 1.0, 0.25]
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in lrs]
     _steps(opt, params, grads, lrs)
-    ref = _lars_reference(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
+    ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
     for i, (p, w) in enumerate(zip(params, ref, strict=True)):
         np.testing.assert_allclose(p.detach().cpu().double().numpy(), w, **_tolerance(dtype, w),
                                    err_msg=f"tensor {i}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_published_step, lars_published_step
+from support.optim import NoHostSync
 
 from largebatch.optim import LAMB, LARS, VARIANTS, variant
 from largebatch.optim._common import chosen_implementation
@@ -414,8 +415,6 @@ def test_docs_describe_every_variant():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_step_never_syncs_and_never_writes_grad(name, path, seed):
-    from test_lars import _NoHostSync
-
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     opt = variant(name, params, lr=torch.tensor(0.1), implementation=path)
@@ -424,7 +423,7 @@ def test_variant_step_never_syncs_and_never_writes_grad(name, path, seed):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     grads_before = [p.grad.clone() for p in params]
-    with _NoHostSync():
+    with NoHostSync():
         opt.step()
         opt.step()
     for p, g in zip(params, grads_before, strict=True):

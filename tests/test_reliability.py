@@ -8,64 +8,28 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from support.checkpoints import Exploit, newest, same_weights, weights
+from support.runs import TINY_DATA, cli_args, run_process, start_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch.cli import main
 from largebatch.config import load_config
 from largebatch.trainer import train
 
-TINY_DATA = {"shape": [1, 8, 8], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512}
-
-
-def tiny(run_dir: Path, **overrides) -> dict[str, object]:
-    pairs: dict[str, object] = {
-        "model.name": "mlp", "model.options": {"hidden": 32, "depth": 2},
-        "data.name": "synthetic", "data.options": TINY_DATA, "data.augment": False,
-        "batch_size": 128, "epochs": 2, "optim.lr": 2.0, "optim.trust_coefficient": 0.01,
-        "schedule.warmup_epochs": 1.0, "precision": "fp32", "progress": False, "threads": 1,
-        "checkpoint_every": 2, "out": str(run_dir),
-    }
-    pairs.update(overrides)
-    if pairs.get("optim.name", "lars") != "lars" and "optim.trust_coefficient" not in overrides:
-        del pairs["optim.trust_coefficient"]  # LARS-only: refused for lamb and sgd
-    return pairs
-
-
-def cli_args(pairs: dict[str, object]) -> list[str]:
-    args = ["train"]
-    for key, value in pairs.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_checkpoint(path)["model"]
-
-
-def newest(run_dir: Path) -> Path:
-    return ckpt.step_checkpoints(run_dir / "checkpoints")[-1]
-
-
-def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
 
 def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
     straight = tmp_path / "straight"
-    train(load_config(None, list(tiny(straight).items())))
+    train(load_config(None, list(tiny_config(straight, checkpoint_every=2).items())))
     run = tmp_path / "run"
-    train(load_config(None, list(tiny(run).items())))
+    train(load_config(None, list(tiny_config(run, checkpoint_every=2).items())))
     last = newest(run)
     assert last.name == "step_00000008.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a crash mid-write, say
-    assert main([*cli_args(tiny(run)), "--resume", "auto"]) == 0
+    assert main([*cli_args(tiny_config(run, checkpoint_every=2)), "--resume", "auto"]) == 0
     out = capsys.readouterr().out
     assert f"checkpoint {last} is corrupt or truncated" in out
     assert "resumed from" in out and "step_00000006.pt at step 6" in out
@@ -80,28 +44,18 @@ def test_checkpoint_without_integrity_record_is_not_trusted(tmp_path):
     assert ckpt.newest_valid(tmp_path) is None
 
 
-class _Exploit:
-    """A pickle that would run a shell command when unpickled by a trusting loader."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     evil = run / "checkpoints" / "step_00000004.pt"
     evil.parent.mkdir(parents=True)
-    data = pickle.dumps({"model": _Exploit(marker), "step": 4})
+    data = pickle.dumps({"model": Exploit(marker), "step": 4})
     evil.write_bytes(data)
     (evil.parent / (evil.name + ".sha256")).write_text(f"{hashlib.sha256(data).hexdigest()}  {evil.name}\n")
     with pytest.raises(ckpt.CheckpointError, match="was refused: it holds more than weights and plain data"):
         ckpt.load_checkpoint(evil)
-    code = main([*cli_args(tiny(run)), "--resume", str(evil)])
+    code = main([*cli_args(tiny_config(run, checkpoint_every=2)), "--resume", str(evil)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith(f"largebatch: error: checkpoint {evil} was refused")
     assert not marker.exists()
@@ -117,7 +71,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
         return real_write(path, data, before_commit)
 
     monkeypatch.setattr(ckpt, "_atomic_write", failing_write)
-    code = main(cli_args(tiny(run)))
+    code = main(cli_args(tiny_config(run, checkpoint_every=2)))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     target = run / "checkpoints" / "step_00000006.pt"
     assert code == 2
@@ -131,15 +85,15 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
 def test_unwritable_run_directory_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code = main(cli_args(tiny(blocker / "run")))
+    code = main(cli_args(tiny_config(blocker / "run", checkpoint_every=2)))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith(f"largebatch: error: cannot write the run directory {blocker / 'run'}")
 
 
 def test_divergence_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    pairs = tiny(run, **{"optim.name": "sgd", "optim.lr": 1e6, "schedule.warmup_epochs": 0.5,
-                         "checkpoint_every": 1, "epochs": 4})
+    pairs = tiny_config(run, **{"optim.name": "sgd", "optim.lr": 1e6, "schedule.warmup_epochs": 0.5,
+                                "checkpoint_every": 1, "epochs": 4})
     code = main(cli_args(pairs))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 3
@@ -163,17 +117,10 @@ def _lr_at(pairs: dict[str, object], step: int) -> float:
 # ---- whole processes under torchrun ------------------------------------------------------------
 
 
-def torchrun(args: list[str], *, env: dict[str, str] | None = None, extra: list[str] = (), timeout: float = 300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
-           "-m", "largebatch.cli", *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_restart_gives_identical_weights(tmp_path):
-    pairs = dict(tiny(tmp_path / "straight"), checkpoint_every=1, epochs=3)
-    done = torchrun(cli_args(pairs))
+    pairs = dict(tiny_config(tmp_path / "straight"), checkpoint_every=1, epochs=3)
+    done = run_process(cli_args(pairs), torchrun=True)
     assert done.returncode == 0, done.stderr[-2000:]
     reference = weights(newest(tmp_path / "straight"))
     total = 12
@@ -185,7 +132,7 @@ def test_sigkill_at_random_points_then_restart_gives_identical_weights(tmp_path)
         marker = tmp_path / f"{point}_{step}.fired"
         fault = {"LARGEBATCH_FAULT": f"{point}:{step}:{rank}:{marker}"}
         args = [*cli_args(dict(pairs, out=str(run))), "--resume", "auto"]
-        done = torchrun(args, env=fault, extra=["--max-restarts", "1"])
+        done = run_process(args, torchrun=True, env=fault, torchrun_options=["--max-restarts", "1"])
         assert done.returncode == 0, f"{point} {step}: {done.stderr[-2000:]}"
         assert marker.exists(), "the fault never fired"
         assert same_weights(weights(newest(run)), reference), f"kill at {point} {step} rank {rank}"
@@ -193,8 +140,8 @@ def test_sigkill_at_random_points_then_restart_gives_identical_weights(tmp_path)
     run = tmp_path / "by_hand"
     fault = {"LARGEBATCH_FAULT": f"step:{kill_step}:0:{tmp_path / 'by_hand.fired'}"}
     args = cli_args(dict(pairs, out=str(run)))
-    assert torchrun(args, env=fault).returncode != 0
-    done = torchrun([*args, "--resume", "auto"])
+    assert run_process(args, torchrun=True, env=fault).returncode != 0
+    done = run_process([*args, "--resume", "auto"], torchrun=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert same_weights(weights(newest(run)), reference)
 
@@ -204,12 +151,9 @@ def test_sigkill_at_random_points_then_restart_gives_identical_weights(tmp_path)
 def test_sigterm_writes_a_checkpoint_at_the_step_boundary_and_all_ranks_exit(tmp_path, target):
     """A scheduler's stop: SIGTERM to torchrun, or to its whole process group (timeout, Slurm, Kubernetes)."""
     run = tmp_path / "run"
-    long = dict(tiny(run), **{"data.options": dict(TINY_DATA, num_train=512 * 400), "epochs": 1,
+    long = dict(tiny_config(run), **{"data.options": dict(TINY_DATA, num_train=512 * 400), "epochs": 1,
                               "checkpoint_every": 10_000, "log_every": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "largebatch.cli", *cli_args(long)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_process(cli_args(long), torchrun=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):

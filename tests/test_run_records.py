@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from test_reliability import cli_args, newest, same_weights, tiny, weights
-from test_rundir import cli_env, finished_run
+from support.checkpoints import newest, same_weights, weights
+from support.runs import cli_args, finished_run, run_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch import metrics
@@ -86,12 +86,12 @@ def test_resume_drops_a_torn_last_metrics_line_with_a_notice(tmp_path, capsys):
 
 def test_a_closed_pipe_on_stdout_never_stops_training(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "largebatch.cli", *cli_args(tiny(run))]
     # as `largebatch train ... | head -0`: the reader has gone before the first line is written
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        done = subprocess.run(cmd, env=cli_env(), stdout=write_end, stderr=subprocess.PIPE, timeout=300)
+        done = run_process(cli_args(tiny_config(run, checkpoint_every=2)), stdout=write_end, stderr=subprocess.PIPE,
+                           text=False)
     finally:
         os.close(write_end)
     stderr = done.stderr

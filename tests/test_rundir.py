@@ -11,41 +11,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_bad_input import _jpeg_folder
-from test_reliability import TINY_DATA, _Exploit, cli_args, newest, same_weights, tiny, weights
+from support.checkpoints import Exploit, newest, same_weights, weights
+from support.images import jpeg_folder
+from support.runs import TINY_DATA, cli_args, finished_run, run_cli, run_process, snapshot, start_process, tiny_config
 
-import largebatch
 from largebatch import checkpoint as ckpt
 from largebatch.cli import main
-from largebatch.config import load_config
-from largebatch.trainer import train
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    return code, (lines[-1] if lines else ""), captured.out
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def finished_run(tmp_path: Path, name: str, **overrides) -> tuple[Path, dict[str, object]]:
-    pairs = tiny(tmp_path / name, keep_checkpoints=10, **overrides)
-    train(load_config(None, list(pairs.items())))
-    return tmp_path / name, pairs
-
-
-def cli_env() -> dict[str, str]:
-    src = str(Path(largebatch.__file__).resolve().parents[1])  # the code under test, in the subprocess too
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
 
 
 def test_resume_auto_without_a_usable_checkpoint_refuses_and_keeps_the_run(tmp_path, capsys):
@@ -69,10 +44,9 @@ def test_resume_auto_without_a_usable_checkpoint_refuses_and_keeps_the_run(tmp_p
 
 def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
     run = tmp_path / "run"
-    long = dict(tiny(run), **{"data.options": dict(TINY_DATA, num_train=512 * 400), "epochs": 1,
-                              "checkpoint_every": 10_000, "log_every": 1})
-    first = subprocess.Popen([sys.executable, "-m", "largebatch.cli", *cli_args(long)], env=cli_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    long = dict(tiny_config(run), **{"data.options": dict(TINY_DATA, num_train=512 * 400), "epochs": 1,
+                                     "checkpoint_every": 10_000, "log_every": 1})
+    first = start_process(cli_args(long), stdout=subprocess.DEVNULL, text=False, start_new_session=False)
     try:
         metrics = run / "metrics.jsonl"
         deadline = time.time() + 120
@@ -89,7 +63,7 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holder_leave
         first.send_signal(signal.SIGKILL)
         first.wait()
     # the operating system dropped the dead process's lock: the directory can be used again
-    assert main([*cli_args(tiny(run)), "--overwrite"]) == 0
+    assert main([*cli_args(tiny_config(run, checkpoint_every=2)), "--overwrite"]) == 0
 
 
 def test_resume_from_another_runs_checkpoint_forks_it_into_the_new_directory(tmp_path, capsys):
@@ -114,9 +88,8 @@ def test_resume_from_another_runs_checkpoint_forks_it_into_the_new_directory(tmp
 def test_half_written_checkpoints_from_a_crash_are_removed_when_the_run_is_reopened(tmp_path, capsys):
     straight, pairs = finished_run(tmp_path, "straight")
     run = tmp_path / "run"
-    fault = dict(cli_env(), LARGEBATCH_FAULT="checkpoint:4:0")  # killed with step 4's data on disk, unrenamed
-    died = subprocess.run([sys.executable, "-m", "largebatch.cli", *cli_args(dict(pairs, out=str(run)))],
-                          env=fault, capture_output=True, timeout=300)
+    fault = {"LARGEBATCH_FAULT": "checkpoint:4:0"}  # killed with step 4's data on disk, unrenamed
+    died = run_process(cli_args(dict(pairs, out=str(run))), env=fault, text=False)
     assert died.returncode == -signal.SIGKILL
     leftovers = sorted(p.name for p in (run / "checkpoints").glob(".step_00000004.pt.*.tmp"))
     assert len(leftovers) == 1
@@ -129,7 +102,7 @@ def test_half_written_checkpoints_from_a_crash_are_removed_when_the_run_is_reope
 
 def test_a_run_refused_at_its_first_batch_leaves_nothing_behind(tmp_path, capsys):
     images = tmp_path / "images"
-    _jpeg_folder(images, corrupt=True)  # 8 training images, one of them bad: found in the first batch
+    jpeg_folder(images, corrupt=True)  # 8 training images, one of them bad: found in the first batch
     out = tmp_path / "runs" / "a"
     args = ["train", "--data", "imagefolder", "--data-dir", str(images), "--batch-size", "8", "--epochs", "1",
             "--model", "mlp", "--set", "threads=1", "--no-progress", "--out", str(out),
@@ -162,7 +135,7 @@ def test_resume_auto_skips_a_newest_checkpoint_refused_as_unsafe_and_never_runs_
     run, pairs = finished_run(tmp_path, "run")
     marker = tmp_path / "pwned"
     evil = newest(run)  # step 8, replaced by a pickle that runs a command, with a matching digest
-    data = pickle.dumps({"model": _Exploit(marker), "step": 8})
+    data = pickle.dumps({"model": Exploit(marker), "step": 8})
     evil.write_bytes(data)
     evil.with_suffix(".pt.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {evil.name}\n")
     code, _, out = run_cli([*cli_args(pairs), "--resume", "auto"], capsys)

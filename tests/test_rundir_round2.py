@@ -19,18 +19,13 @@ from typing import ClassVar
 
 import pytest
 import torch
-from test_reliability import cli_args, newest, same_weights, tiny, weights
-from test_rundir import finished_run, run_cli, snapshot
+from support.checkpoints import newest, same_weights, weights
+from support.runs import cli_args, config_of, finished_run, run_cli, snapshot, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch import metrics
-from largebatch.config import load_config
 from largebatch.rundir import REPLACED, RunDir, RunDirError
 from largebatch.trainer import Trainer
-
-
-def config_of(pairs: dict[str, object]):
-    return load_config(None, list(pairs.items()))
 
 
 def train_rows(path: Path) -> list[int]:
@@ -110,7 +105,7 @@ def test_a_put_aside_run_beside_a_run_with_checkpoints_is_refused_untouched(tmp_
 def test_a_closed_stdout_never_stops_a_run(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setattr(sys, "stdout", None)  # as `largebatch train ... >&-`
-    code, line, _ = run_cli(cli_args(tiny(run, progress=True)), capsys)
+    code, line, _ = run_cli(cli_args(tiny_config(run, checkpoint_every=2, progress=True)), capsys)
     assert code == 0, line
     assert ckpt.load_checkpoint(newest(run))["step"] == 8
 
@@ -175,12 +170,12 @@ def test_a_fresh_run_never_empties_records_it_finds_even_through_a_symlink(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").symlink_to(other / "metrics.jsonl")
-    code, line, _ = run_cli(cli_args(tiny(run)), capsys)
+    code, line, _ = run_cli(cli_args(tiny_config(run, checkpoint_every=2)), capsys)
     assert code == 2 and line == (f"largebatch: error: run directory {run} already holds a run; pass --resume auto "
                                   "to continue it or --overwrite to replace it")
     assert snapshot(other) == before
     # replacing it moves the link aside and deletes the link, never the rows it points to
-    assert run_cli([*cli_args(tiny(run)), "--overwrite"], capsys)[0] == 0
+    assert run_cli([*cli_args(tiny_config(run, checkpoint_every=2)), "--overwrite"], capsys)[0] == 0
     assert snapshot(other) == before and not (run / "metrics.jsonl").is_symlink()
 
 
@@ -286,7 +281,8 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path, capsys)
     path = ckpt.save_checkpoint(tmp_path / "step_00000004.pt", {"format": ckpt.FORMAT + 1, "step": 4})
     with pytest.raises(ckpt.CheckpointError, match=f"is of format {ckpt.FORMAT + 1}, newer than this version"):
         ckpt.load_checkpoint(path)
-    code, line, _ = run_cli([*cli_args(tiny(tmp_path / "run")), "--resume", str(path)], capsys)
+    pairs = tiny_config(tmp_path / "run", checkpoint_every=2)
+    code, line, _ = run_cli([*cli_args(pairs), "--resume", str(path)], capsys)
     assert code == 2 and line == (f"largebatch: error: checkpoint {path} is of format {ckpt.FORMAT + 1}, newer than "
                                   f"this version of largebatch reads (up to {ckpt.FORMAT}); resume it with the version "
                                   "that wrote it")
@@ -453,7 +449,7 @@ def test_a_fork_writes_its_own_best_pt(tmp_path, capsys):
 
 def test_the_loser_of_two_simultaneous_starts_never_removes_the_winners_directory(tmp_path, monkeypatch):
     run = tmp_path / "new" / "run"
-    config = config_of(tiny(run))
+    config = config_of(tiny_config(run, checkpoint_every=2))
     winner = RunDir(run, config, is_main=True, notice=lambda _: None)
     assert winner.open("auto", False) is None
     real_make_dir = RunDir._make_dir

@@ -7,18 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+from support.runs import QUICK, synthetic_args
 
 from largebatch.cli import main
 from largebatch.config import ConfigError, load_config, parse_override
 from largebatch.schedule import WarmupDecay
-
-QUICK = ["--model", "mlp", "--set", "threads=1", "--no-progress"]
-
-
-def synthetic_args(tmp_path: Path, *extra: str, **options) -> list[str]:
-    data = {"shape": [1, 8, 8], "num_classes": 3, "num_train": 64, "num_eval": 16, "pool_size": 64, **options}
-    return ["--data", "synthetic", "--set", f"data.options={json.dumps(data)}", "--batch-size", "32",
-            "--epochs", "1", "--out", str(tmp_path / "run"), *QUICK, *extra]
 
 
 def last_error(capsys) -> str:

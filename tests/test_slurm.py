@@ -7,8 +7,6 @@ test's signal (``LARGEBATCH_PAUSE``), so where a stop lands never depends on tim
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
@@ -17,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from test_reliability import newest, same_weights, tiny, weights
+from support.checkpoints import newest, same_weights, weights
+from support.runs import cli_args, cli_env, command, run_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch.distributed import LaunchError, detect_launch, first_host, slurm_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), LARGEBATCH_PYTHON=sys.executable)
+ENV = cli_env(PYTHONPATH=str(ROOT / "src"), LARGEBATCH_PYTHON=sys.executable)
 
 # ---- the launcher, from the environment srun gives each task -------------------------------------
 
@@ -67,8 +66,7 @@ def test_an_inconsistent_srun_environment_is_one_line(change, message):
 def test_bad_srun_environment_through_the_command_line_exits_2_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     env = {**ENV, **{k: v for k, v in STEP.items() if "NODELIST" not in k}}
-    done = subprocess.run([sys.executable, "-m", "largebatch.cli", *cli(tiny(run))], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = run_process(cli_args(tiny_config(run, checkpoint_every=2)), env=env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["largebatch: error: no rendezvous host: neither SLURM_STEP_NODELIST "
                                                 "nor SLURM_JOB_NODELIST nor MASTER_ADDR is set"]
@@ -100,21 +98,13 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def cli(pairs: dict[str, object]) -> list[str]:
-    args = ["train"]
-    for key, value in pairs.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
-
-
 SPARSE = {"epochs": 3, "log_every": 1000, "checkpoint_every": 0}
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
-    done = subprocess.run([sys.executable, "-m", "largebatch.cli", *cli(tiny(out, **SPARSE))], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    done = run_process(cli_args(tiny_config(out, **SPARSE)), env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -122,7 +112,7 @@ def straight(tmp_path_factory) -> Path:
 def submit(slurm, tmp_path: Path, run: Path, *sbatch_args: str, pause: str = "") -> str:
     config = tmp_path / "config.yaml"
     config.write_text(f"out: {run}\n")
-    args = [a for key, value in tiny(run, **SPARSE).items() for a in ("--set", f"{key}={json.dumps(value)}")]
+    args = cli_args(tiny_config(run, **SPARSE))[1:]  # the --set options: train.sbatch gives "train" itself
     done = slurm.run("sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path / 'job.out'}",
                      *sbatch_args, str(TRAIN_SBATCH), str(config), *args,
                      env={**ENV, "LARGEBATCH_PAUSE": pause})
@@ -189,12 +179,10 @@ def test_scontrol_requeue_during_a_checkpoint_write_continues_exactly(tmp_path, 
 @pytest.mark.slow
 @pytestmark_real
 def test_two_srun_tasks_train_exactly_as_two_torchrun_processes(tmp_path, slurm):
-    pairs = dict(tiny(tmp_path / "srun"), micro_batch=64)
-    done = slurm.run("srun", "--ntasks=2", sys.executable, "-m", "largebatch.cli", *cli(pairs), env=ENV, timeout=300)
+    pairs = dict(tiny_config(tmp_path / "srun", checkpoint_every=2), micro_batch=64)
+    done = slurm.run("srun", "--ntasks=2", *command(cli_args(pairs)), env=ENV, timeout=300)
     assert "launcher: slurm (job" in done.stdout and ", 2 task(s), rendezvous " in done.stdout
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "largebatch.cli", *cli(dict(pairs, out=str(tmp_path / "torchrun")))],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    ref = run_process(cli_args(dict(pairs, out=str(tmp_path / "torchrun"))), torchrun=True, env=ENV)
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert same_weights(weights(newest(tmp_path / "srun")), weights(newest(tmp_path / "torchrun")))
     # the node list parser agrees with Slurm's own expansion
@@ -206,8 +194,8 @@ def test_two_srun_tasks_train_exactly_as_two_torchrun_processes(tmp_path, slurm)
 @pytestmark_real
 def test_srun_with_a_task_count_that_does_not_split_the_batch_is_refused(tmp_path, slurm):
     run = tmp_path / "run"
-    done = slurm.run("srun", "--ntasks=2", sys.executable, "-m", "largebatch.cli",
-                     *cli(tiny(run, batch_size=127)), env=ENV, check=False)
+    done = slurm.run("srun", "--ntasks=2", *command(cli_args(tiny_config(run, checkpoint_every=2, batch_size=127))),
+                     env=ENV, check=False)
     assert done.returncode == 2
     # rank 0 says it once, with sizes that would divide; the other task exits silently
     lines = [line for line in done.stderr.splitlines() if line.startswith("largebatch:")]

@@ -11,13 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_reliability import cli_args, newest, same_weights, tiny, weights
+from support.checkpoints import newest, same_weights, weights
+from support.runs import cli_args, run_process, start_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch.errors import EXIT_REQUEUE
@@ -26,15 +26,11 @@ pytestmark = pytest.mark.slow  # real processes stopped by real signals: make te
 
 # 12 steps of 4 per epoch; log and periodic checkpoints only at epoch ends (steps 4, 8, 12)
 SPARSE = {"epochs": 3, "log_every": 1000, "checkpoint_every": 0, "data.eval_batch": 16}
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def start(args: list[str], pause: str, *, torchrun: bool = False, env: dict[str, str] | None = None):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                if torchrun else [sys.executable])
-    cmd = [*launcher, "-m", "largebatch.cli", *args]
-    return subprocess.Popen(cmd, env={**ENV, "LARGEBATCH_PAUSE": pause, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """The run, told to wait at the pause point (LARGEBATCH_PAUSE) for the test's signal."""
+    return start_process(args, torchrun=torchrun, env={"LARGEBATCH_PAUSE": pause, **(env or {})})
 
 
 def paused_pid(proc: subprocess.Popen, marker: Path, timeout: float = 120) -> int:
@@ -54,16 +50,11 @@ def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("largebatch: error:")]
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "largebatch.cli", *args], env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run every stopped-and-resumed run must equal."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    done = run_cli(cli_args(tiny(out, **SPARSE)))
+    done = run_process(cli_args(tiny_config(out, **SPARSE)))
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -76,7 +67,7 @@ def metric_rows(run: Path) -> list[dict]:
 
 def test_ctrl_c_checkpoints_at_the_next_step_names_it_and_the_run_resumes_exactly(tmp_path, straight):
     run, marker = tmp_path / "run", tmp_path / "paused"
-    args = cli_args(tiny(run, **SPARSE))
+    args = cli_args(tiny_config(run, **SPARSE))
     proc = start(args, f"step:5:0:{marker}")
     os.kill(paused_pid(proc, marker), signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -85,14 +76,14 @@ def test_ctrl_c_checkpoints_at_the_next_step_names_it_and_the_run_resumes_exactl
     assert ckpt.load_checkpoint(newest(run))["step"] == 5
     assert errors(stderr) == [f"largebatch: error: interrupted (Ctrl-C); checkpoint written at step 5 in {run}; "
                               f"continue with the same command and --resume auto (run directory {run})"]
-    done = run_cli([*args, "--resume", "auto"])
+    done = run_process([*args, "--resume", "auto"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert same_weights(weights(newest(run)), weights(newest(straight)))
 
 
 def test_a_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
     run, first, second = tmp_path / "run", tmp_path / "first", tmp_path / "second"
-    proc = start(cli_args(tiny(run, **SPARSE)), f"step:5:0:{first},checkpoint:5:0:{second}")
+    proc = start(cli_args(tiny_config(run, **SPARSE)), f"step:5:0:{first},checkpoint:5:0:{second}")
     os.kill(paused_pid(proc, first), signal.SIGINT)  # asks for a checkpoint of step 5 ...
     os.kill(paused_pid(proc, second), signal.SIGINT)  # ... and the second Ctrl-C arrives while it is written
     _, stderr = proc.communicate(timeout=120)
@@ -108,14 +99,14 @@ def test_a_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
 def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_next_step(tmp_path, straight):
     """Agreement at every step: only rank 1 is signalled (mid-epoch, no log step), both stop at step 5."""
     run, marker = tmp_path / "run", tmp_path / "paused"
-    proc = start(cli_args(tiny(run, **SPARSE)), f"step:5:1:{marker}", torchrun=True)
+    proc = start(cli_args(tiny_config(run, **SPARSE)), f"step:5:1:{marker}", torchrun=True)
     os.kill(paused_pid(proc, marker), signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     lines = errors(stderr)
     assert len(lines) == 2, stderr[-3000:]
     assert all(f"stopped by SIGTERM; checkpoint written at step 5 in {run}" in line for line in lines)
     assert ckpt.load_checkpoint(newest(run))["step"] == 5
-    done = run_cli([*cli_args(tiny(run, **SPARSE)), "--resume", "auto"])  # one process continues the two
+    done = run_process([*cli_args(tiny_config(run, **SPARSE)), "--resume", "auto"])  # one process continues the two
     assert done.returncode == 0, done.stderr[-2000:]
     reference = weights(newest(straight))
     resumed = weights(newest(run))
@@ -125,14 +116,14 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_next_step(tmp_pa
 
 def test_a_stop_during_evaluation_abandons_it_and_the_resume_evaluates_first(tmp_path, straight):
     run, marker = tmp_path / "run", tmp_path / "paused"
-    args = cli_args(tiny(run, **SPARSE))
+    args = cli_args(tiny_config(run, **SPARSE))
     proc = start(args, f"eval:4:0:{marker}")  # the first of the 8 evaluation batches after step 4
     os.kill(paused_pid(proc, marker), signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
     assert ckpt.load_checkpoint(newest(run))["step"] == 4
     assert not [r for r in metric_rows(run) if r["kind"] == "eval"]  # nothing half-evaluated was recorded
-    done = run_cli([*args, "--resume", "auto"])
+    done = run_process([*args, "--resume", "auto"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert metric_rows(run) == metric_rows(straight)  # the skipped evaluation is there, in its place
     assert same_weights(weights(newest(run)), weights(newest(straight)))
@@ -142,7 +133,7 @@ def test_a_stop_during_evaluation_abandons_it_and_the_resume_evaluates_first(tmp
 def test_the_requeue_signal_checkpoints_and_exits_with_the_requeue_status(tmp_path, name):
     run, marker = tmp_path / "run", tmp_path / "paused"
     env = {} if name == "USR1" else {"LARGEBATCH_REQUEUE_SIGNAL": name}
-    proc = start(cli_args(tiny(run, **SPARSE)), f"step:6:0:{marker}", env=env)
+    proc = start(cli_args(tiny_config(run, **SPARSE)), f"step:6:0:{marker}", env=env)
     os.kill(paused_pid(proc, marker), signal.Signals[f"SIG{name}"])
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE == 75, stderr[-2000:]
@@ -154,7 +145,7 @@ def test_the_requeue_signal_checkpoints_and_exits_with_the_requeue_status(tmp_pa
 
 def test_a_requeue_signal_the_trainer_cannot_catch_is_one_line_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
-    done = run_cli(cli_args(tiny(run)), env={"LARGEBATCH_REQUEUE_SIGNAL": "KILL"})
+    done = run_process(cli_args(tiny_config(run, checkpoint_every=2)), env={"LARGEBATCH_REQUEUE_SIGNAL": "KILL"})
     assert done.returncode == 2
     assert errors(done.stderr) == done.stderr.strip().splitlines()
     assert len(errors(done.stderr)) == 1 and "LARGEBATCH_REQUEUE_SIGNAL='KILL'" in done.stderr
@@ -163,11 +154,11 @@ def test_a_requeue_signal_the_trainer_cannot_catch_is_one_line_and_writes_nothin
 
 def test_a_stop_too_late_for_a_checkpoint_resumes_from_the_last_one_and_counts_the_lost_steps(tmp_path, straight):
     run = tmp_path / "run"
-    args = cli_args(tiny(run, **dict(SPARSE, log_every=1)))
+    args = cli_args(tiny_config(run, **dict(SPARSE, log_every=1)))
     # killed after the update of step 7, before its log row; the last checkpoint is step 4's
-    died = run_cli(args, env={"LARGEBATCH_FAULT": "step:7"})
+    died = run_process(args, env={"LARGEBATCH_FAULT": "step:7"})
     assert died.returncode == -signal.SIGKILL
-    done = run_cli([*args, "--resume", "auto"])
+    done = run_process([*args, "--resume", "auto"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 step(s) logged after the checkpoint of step 4 were lost" in done.stdout + done.stderr  # 5 and 6
     assert same_weights(weights(newest(run)), weights(newest(straight)))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import final_weights, small_config
+from support.checkpoints import final_weights
+from support.runs import config_of, tiny_config
 from torch.overrides import TorchFunctionMode
 
-from largebatch.config import load_config
 from largebatch.data.order import mix_seed
 from largebatch.train_step import DivergenceGuard, step_seed
 from largebatch.trainer import Trainer, _Window, build_optimizer, build_schedule
@@ -50,7 +50,7 @@ def test_guard_names_the_first_bad_step_only_when_asked():
 
 @pytest.mark.parametrize("optimizer", ["lars", "lamb", "sgd"])
 def test_a_normal_step_never_reads_the_device(tmp_path, optimizer):
-    trainer = Trainer(load_config(None, small_config(tmp_path, "run", micro_batch=64, **{"optim.name": optimizer})))
+    trainer = Trainer(config_of(tiny_config(tmp_path / "run", micro_batch=64, **{"optim.name": optimizer})))
     batches = trainer._batches()
     steps = [next(batches) for _ in range(3)]
     window = _Window(trainer.env.device)
@@ -88,17 +88,17 @@ def _hand_written_run(config) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])
 def test_device_learning_rate_gives_the_hand_written_loops_weights(tmp_path, optimizer):
     overrides = {"micro_batch": 64, "optim.name": optimizer, "eval_every": 0}
-    Trainer(load_config(None, small_config(tmp_path, "trainer", **overrides))).run()
-    reference = _hand_written_run(load_config(None, small_config(tmp_path, "hand", **overrides)))
+    Trainer(config_of(tiny_config(tmp_path / "trainer", **overrides))).run()
+    reference = _hand_written_run(config_of(tiny_config(tmp_path / "hand", **overrides)))
     weights = final_weights(tmp_path / "trainer")
     for key, value in reference.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)  # bitwise: the same arithmetic
-    start = Trainer(load_config(None, small_config(tmp_path, "fresh", **overrides))).model.state_dict()
+    start = Trainer(config_of(tiny_config(tmp_path / "fresh", **overrides))).model.state_dict()
     assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3  # the runs did train
 
 
 def test_learning_rate_tensor_survives_a_loaded_optimizer_state(tmp_path):
-    trainer = Trainer(load_config(None, small_config(tmp_path, "run")))
+    trainer = Trainer(config_of(tiny_config(tmp_path / "run")))
     state = trainer.optimizer.state_dict()
     for group in state["param_groups"]:
         group["lr"] = 123.0  # what an older checkpoint holds

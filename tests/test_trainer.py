@@ -3,80 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support.checkpoints import final_weights, metric_rows
+from support.runs import TINY_DATA, cli_args, config_of, run_process, tiny_config
 
 from largebatch.checkpoint import load_checkpoint, step_checkpoints
-from largebatch.config import load_config
 from largebatch.trainer import Trainer, train
-
-SMALL_DATA = {"shape": [1, 8, 8], "num_classes": 4, "num_train": 512, "num_eval": 128, "pool_size": 512}
-TIMING = {"img_per_s", "data_time_s", "elapsed_s"}
-
-
-def small_config(tmp_path: Path, name: str, **overrides) -> list[tuple[str, object]]:
-    pairs = {
-        "model.name": "mlp",
-        "model.options": {"hidden": 32, "depth": 2},
-        "data.name": "synthetic",
-        "data.options": SMALL_DATA,
-        "data.augment": False,
-        "batch_size": 128,
-        "epochs": 2,
-        "optim.lr": 2.0,
-        "optim.trust_coefficient": 0.01,
-        "schedule.warmup_epochs": 1.0,
-        "precision": "fp32",
-        "progress": False,
-        "out": str(tmp_path / name),
-        "threads": 1,
-    }
-    pairs.update(overrides)
-    if pairs.get("optim.name", "lars") != "lars" and "optim.trust_coefficient" not in overrides:
-        del pairs["optim.trust_coefficient"]  # LARS-only: refused for lamb and sgd
-    return list(pairs.items())
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(step_checkpoints(run_dir / "checkpoints")[-1])["model"]
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def _cli_args(pairs: list[tuple[str, object]]) -> list[str]:
-    args = []
-    for key, value in pairs:
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
 
 
 @pytest.mark.slow
 def test_two_processes_equal_accumulation_equal_one_big_micro_batch(tmp_path):
     """2 ranks x micro 64 == 1 rank x 2 accumulation steps of 64 == 1 rank x micro 128."""
-    two = small_config(tmp_path, "two", micro_batch=64)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "largebatch.cli", "train", *_cli_args(two)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    two = tiny_config(tmp_path / "two", micro_batch=64)
+    done = run_process(cli_args(two), torchrun=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    train(load_config(None, small_config(tmp_path, "accum", micro_batch=64)))
-    train(load_config(None, small_config(tmp_path, "big", micro_batch=128)))
+    train(config_of(tiny_config(tmp_path / "accum", micro_batch=64)))
+    train(config_of(tiny_config(tmp_path / "big", micro_batch=128)))
     reference = final_weights(tmp_path / "big")
     for name in ("two", "accum"):
         weights = final_weights(tmp_path / name)
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
     # and the runs did move the weights: the comparison is not between untouched models
-    start = Trainer(load_config(None, small_config(tmp_path, "fresh"))).model.state_dict()
+    start = Trainer(config_of(tiny_config(tmp_path / "fresh"))).model.state_dict()
     assert max((start[k] - reference[k]).abs().max().item() for k in reference) > 1e-3
     # metrics agree too: same losses, same evaluation
     rows = {n: metric_rows(tmp_path / n) for n in ("two", "accum", "big")}
@@ -106,15 +57,15 @@ def test_resume_continues_exactly(tmp_path, stop_at):
     options = {
         "model.name": "alexnet_bn_small",
         "model.options": {"width": 4, "hidden": 16},
-        "data.options": {**SMALL_DATA, "shape": [1, 28, 28]},
+        "data.options": {**TINY_DATA, "shape": [1, 28, 28]},
         "data.augment": True,
         "log_every": 1,
     }
-    straight = train(load_config(None, small_config(tmp_path, "straight", **options)))
+    straight = train(config_of(tiny_config(tmp_path / "straight", **options)))
     _StopAt.stop_at = stop_at
     with pytest.raises(Preempted, match=f"checkpoint written at step {stop_at}"):
-        _StopAt(load_config(None, small_config(tmp_path, "resumed", **options))).run()
-    resumed = Trainer(load_config(None, small_config(tmp_path, "resumed", **options)), resume="auto").run()
+        _StopAt(config_of(tiny_config(tmp_path / "resumed", **options))).run()
+    resumed = Trainer(config_of(tiny_config(tmp_path / "resumed", **options)), resume="auto").run()
     assert resumed.steps == straight.steps == 8
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -122,7 +73,7 @@ def test_resume_continues_exactly(tmp_path, stop_at):
 
 
 def test_run_directory_holds_what_it_promises(tmp_path):
-    result = train(load_config(None, small_config(tmp_path, "run", checkpoint_every=3, keep_checkpoints=2)))
+    result = train(config_of(tiny_config(tmp_path / "run", checkpoint_every=3, keep_checkpoints=2)))
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "plots/loss.png", "plots/accuracy.png",
                  "plots/lr.png", "checkpoints/best.pt"):
@@ -152,7 +103,7 @@ def test_demo_recipe_learns_fashion_mnist_in_a_short_run(tmp_path):
 
 
 def test_save_before_run_writes_a_checkpoint_of_the_initial_model(tmp_path):
-    trainer = Trainer(load_config(None, small_config(tmp_path, "run")))
+    trainer = Trainer(config_of(tiny_config(tmp_path / "run")))
     trainer.save()  # the divergence flags exist before run() starts
     saved = load_checkpoint(step_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert saved["step"] == 0
@@ -160,7 +111,7 @@ def test_save_before_run_writes_a_checkpoint_of_the_initial_model(tmp_path):
 
 
 def test_eval_every_zero_turns_evaluation_off(tmp_path):
-    result = train(load_config(None, small_config(tmp_path, "run", eval_every=0)))
+    result = train(config_of(tiny_config(tmp_path / "run", eval_every=0)))
     rows = metric_rows(tmp_path / "run")
     assert [r["kind"] for r in rows] == ["train"] * 8  # log_every 1, no eval rows
     assert result.top1 is None and not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
@@ -168,10 +119,10 @@ def test_eval_every_zero_turns_evaluation_off(tmp_path):
 
 
 def test_first_line_names_the_input_shape_and_few_steps_are_warned(tmp_path, capsys):
-    train(load_config(None, small_config(tmp_path, "ok", epochs=1)))
+    train(config_of(tiny_config(tmp_path / "ok", epochs=1)))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("mlp on synthetic (input 1x8x8): global batch 128") and "warning" not in first
-    train(load_config(None, small_config(tmp_path, "few", batch_size=256, epochs=1)))
+    train(config_of(tiny_config(tmp_path / "few", batch_size=256, epochs=1)))
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == ("warning: batch_size 256 gives only 2 step(s) per epoch of 512 examples; "
                         "warm-up and decay get little room (a smaller batch_size helps)")
