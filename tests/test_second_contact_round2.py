@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_rundir import cli_env, run_cli, snapshot
-from test_second_contact import synthetic_args
-from test_stop_signals import paused_pid
+from support.runs import cli_env, paused_pid, run_cli, snapshot, synthetic_args
 
 from largebatch import checkpoint as ckpt
 from largebatch.cli import main

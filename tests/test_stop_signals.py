@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from support.checkpoints import newest, same_weights, weights
-from support.runs import cli_args, run_process, start_process, tiny_config
+from support.runs import cli_args, paused_pid, run_process, start_process, tiny_config
 
 from largebatch import checkpoint as ckpt
 from largebatch.errors import EXIT_REQUEUE
@@ -31,19 +29,6 @@ SPARSE = {"epochs": 3, "log_every": 1000, "checkpoint_every": 0, "data.eval_batc
 def start(args: list[str], pause: str, *, torchrun: bool = False, env: dict[str, str] | None = None):
     """The run, told to wait at the pause point (LARGEBATCH_PAUSE) for the test's signal."""
     return start_process(args, torchrun=torchrun, env={"LARGEBATCH_PAUSE": pause, **(env or {})})
-
-
-def paused_pid(proc: subprocess.Popen, marker: Path, timeout: float = 120) -> int:
-    """The pid written by the process waiting at the pause point."""
-    deadline = time.monotonic() + timeout
-    while not (marker.exists() and marker.read_text().strip()):
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before its pause: {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the run never reached its pause")
-        time.sleep(0.05)
-    return int(marker.read_text())
 
 
 def errors(stderr: str) -> list[str]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import largebatch
@@ -127,3 +128,16 @@ def start_process(args: list[str], *, torchrun: bool = False, env: dict[str, str
     options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True,
                **kwargs}
     return subprocess.Popen(command(args, torchrun=torchrun), env=cli_env(**(env or {})), **options)
+
+
+def paused_pid(proc: subprocess.Popen, marker: Path, timeout: float = 120) -> int:
+    """The pid written by the process waiting at the pause point."""
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text().strip()):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before its pause: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the run never reached its pause")
+        time.sleep(0.05)
+    return int(marker.read_text())
