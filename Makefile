@@ -30,14 +30,16 @@ slurm:
 	  else echo "Slurm missing: install the Debian packages slurm-wlm and munge (tests/test_slurm.py needs them)"; fi; \
 	fi
 
+# two workers, each test file on one (a file's fixtures, such as the Slurm cluster, start once):
+# the real-Slurm and multi-process tests mostly wait, so the other worker computes meanwhile
 test: setup data slurm
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # the edit-test loop: everything but the tests marked slow (multi-process runs, compiles, training)
 test-fast: setup data
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -n 2 --dist loadfile -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .
