@@ -188,8 +188,9 @@ def test_stopped_sweep_resumes_the_partial_trial_and_skips_finished_ones(finishe
     assert "resumed after a stop" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_trial_stopped_after_its_last_checkpoint_is_evaluated_not_retrained(finished, tmp_path):
-    """Stopped between the trainer's end and result.json: resume finds nothing left to train."""
+def test_trial_stopped_after_its_last_checkpoint_is_evaluated_not_retrained(finished, tmp_path, capsys):
+    """Stopped between the trainer's end and result.json: resume finds nothing left to train (and the
+    sweep, which finishes the trial itself, is not told to start a new run with more epochs)."""
     out, spec = finished
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
@@ -207,6 +208,7 @@ def test_trial_stopped_after_its_last_checkpoint_is_evaluated_not_retrained(fini
     (again,) = [r for r in results if r.trial.name == name]
     assert again.status == "ok" and again.steps == original["steps"] == original["total_steps"]
     assert again.top1 == original["top1"] is not None
+    assert "already finished" not in capsys.readouterr().out
 
 
 def _trial_rows(out: Path) -> list[dict]:

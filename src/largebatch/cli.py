@@ -149,22 +149,43 @@ def run_train(args: argparse.Namespace) -> int:
             key == "out" for key, _ in overrides):  # --resume DIR alone: that run goes on where it lives
         overrides.append(("out", args.resume))
     config = load_config(args.config, overrides)
-    train(config, resume=args.resume and os.path.expanduser(args.resume), overwrite=args.overwrite)
+    result = train(config, resume=args.resume and os.path.expanduser(args.resume), overwrite=args.overwrite)
+    _say_if_already_finished(result)
     return 0
+
+
+def _say_if_already_finished(result: Any) -> None:
+    """A resume with nothing left to train: say so, where the results are and how to train longer
+    (here, not in the trainer: a sweep finishing one of its trials has no use for that advice)."""
+    from largebatch.rundir import finished_notice
+
+    if result.already_finished and _rank() == 0:
+        _message(finished_notice(result.run_dir, result.steps))
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from largebatch.demo import demo_config
-    from largebatch.metrics import Progress
     from largebatch.trainer import train
 
     config = demo_config(out=args.out, epochs=args.epochs, data_dir=args.data_dir, progress=not args.no_progress)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
-    out = Progress(0, enabled=False, is_main=int(os.environ.get("RANK", "0")) == 0)  # a closed pipe never fails it
-    out.message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
-    if result.top1 is not None:  # None: resumed a finished run, which said so
-        out.message(f"final top-1 accuracy: {result.top1:.2f}%")
+    _say_if_already_finished(result)
+    if _rank() == 0:
+        _message(f"run directory: {result.run_dir} ({result.wall_s:.0f} s)")
+        if result.top1 is not None:  # None: resumed a finished run, said above
+            _message(f"final top-1 accuracy: {result.top1:.2f}%")
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _message(text: str) -> None:
+    """A closing line on stdout, one write; a closed pipe never fails a finished run."""
+    from largebatch.metrics import Progress
+
+    Progress(0, enabled=False, is_main=True).message(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         status = None if os.environ.get("LARGEBATCH_DEBUG") else exit_status(err)
         if status is None:
             raise
-        if printed_on_rank(err, int(os.environ.get("RANK", "0"))):  # one line, not one per process
+        if printed_on_rank(err, _rank()):  # one line, not one per process
             _error(one_line(err))
         return status
     finally:
@@ -224,7 +245,7 @@ def _fill_closed_standard_descriptors() -> None:
 
 
 def _error(err: object) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _rank()
     prefix = f"[rank {rank}] " if rank else ""
     if sys.stderr is None:  # started with stderr closed: the exit status still tells
         return

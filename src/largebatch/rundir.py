@@ -509,19 +509,6 @@ class RunDir:
         before its first one has nothing to continue from, and takes away what it created."""
         return self.is_main and self._checkpoint_identities().items() - self._checkpoints_at_open.items() != set()
 
-    def finished_notice(self, steps: int) -> str:
-        """What ``--resume auto`` on a finished run says: its result, where it is, how to train longer."""
-        top1 = None
-        with contextlib.suppress(OSError, ValueError):
-            evals = [r for r in read_jsonl(self.path / "metrics.jsonl") if r.get("kind") == "eval"]
-            top1 = evals[-1].get("top1") if evals else None
-        figure = f", top-1 {top1:.2f}% at its last evaluation" if isinstance(top1, (int, float)) else ""
-        best = self.checkpoints / "best.pt"
-        results = [self.path / "metrics.csv", self.path / "plots", *([best] if best.exists() else [])]
-        return (f"run {self.path} is already finished (step {steps} of {steps}{figure}); results: "
-                f"{', '.join(map(str, results))}; to train longer, start a new run with more --epochs in a new --out "
-                "(a finished run cannot be extended)")
-
     # ---- closing -------------------------------------------------------------------------------
 
     def commit(self) -> None:
@@ -563,5 +550,19 @@ class RunDir:
                 self._replacing = False
 
 
+def finished_notice(run_dir: Path, steps: int) -> str:
+    """What ``--resume auto`` on a finished run says: its result, where it is, how to train longer."""
+    top1 = None
+    with contextlib.suppress(OSError, ValueError):
+        evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+        top1 = evals[-1].get("top1") if evals else None
+    figure = f", top-1 {top1:.2f}% at its last evaluation" if isinstance(top1, (int, float)) else ""
+    best = run_dir / "checkpoints" / "best.pt"
+    results = [run_dir / "metrics.csv", run_dir / "plots", *([best] if best.exists() else [])]
+    return (f"run {run_dir} is already finished (step {steps} of {steps}{figure}); results: "
+            f"{', '.join(map(str, results))}; to train longer, start a new run with more --epochs in a new --out "
+            "(a finished run cannot be extended)")
+
+
 __all__ = ["CONFIG_FILE", "LOCK_FILE", "REPLACED", "Decision", "DirectoryLock", "RunDir", "RunDirError", "Seen",
-           "checkpoint_config_differences", "config_differences_from", "decide"]
+           "checkpoint_config_differences", "config_differences_from", "decide", "finished_notice"]

@@ -66,6 +66,7 @@ class RunResult:
     top5: float | None
     eval_loss: float | None
     wall_s: float
+    already_finished: bool = False  # resumed with nothing left to train (the command line says so)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -470,10 +471,9 @@ class Trainer:
                     publish_plots(self.run_dir, self.step, self.env.rank, self.notice)
         finally:
             self.run_dir_lifecycle.close()
-        if self.env.is_main and self.resumed and start_step == self.total_steps:  # nothing was left to train
-            self.notice(self.run_dir_lifecycle.finished_notice(self.step))
         return RunResult(self.run_dir, self.step, last_eval.get("top1"), last_eval.get("top5"),
-                         last_eval.get("eval_loss"), time.perf_counter() - t_start)
+                         last_eval.get("eval_loss"), time.perf_counter() - t_start,
+                         already_finished=self.resumed and start_step == self.total_steps)
 
     def _records_failed_message(self, writer: MetricsWriter | None) -> str:
         reason = writer.error if writer is not None else "rank 0 could not write the run records"
