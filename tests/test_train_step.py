@@ -6,23 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.checkpoints import final_weights
+from support.optim import NoHostSync
 from support.runs import config_of, tiny_config
-from torch.overrides import TorchFunctionMode
 
 from largebatch.data.order import mix_seed
 from largebatch.train_step import DivergenceGuard, step_seed
 from largebatch.trainer import Trainer, _Window, build_optimizer, build_schedule
-
-
-class _NoHostSync(TorchFunctionMode):
-    """Fails on any call that reads a tensor's value back to the host."""
-
-    FORBIDDEN = frozenset({"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation in a training step: {func.__name__}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_step_seed_is_not_linear_in_rank_and_step():
@@ -54,7 +43,7 @@ def test_a_normal_step_never_reads_the_device(tmp_path, optimizer):
     batches = trainer._batches()
     steps = [next(batches) for _ in range(3)]
     window = _Window(trainer.env.device)
-    with _NoHostSync():
+    with NoHostSync():
         for micro in steps:
             loss, grad_ok = trainer.train_step(micro)
             trainer.guard.observe(trainer.step, loss, grad_ok)
