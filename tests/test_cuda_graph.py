@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.checkpoints import final_weights, metric_rows
-from support.runs import STATEFUL_RUN, config_of, run_cli, synthetic_args, tiny_config
+from support.runs import STATEFUL_RUN, StopsAtStep, config_of, run_cli, synthetic_args, tiny_config
 
 from largebatch.config import ConfigError
 from largebatch.cuda_graph import MAX_STATIC_INPUT_BYTES, EagerBackend, GraphedStep, graphs_decision
@@ -122,14 +122,8 @@ class _GraphedOnCPU(Trainer):
         return GraphedStep(self._eager_step, self._step_state, backend=self.backend)
 
 
-class _GraphedStopAt(_GraphedOnCPU):
-    stop_at = 0
-
-    def train_step(self, micro_batches):
-        out = super().train_step(micro_batches)
-        if self.step + 1 == self.stop_at:
-            self._stop_requested = True
-        return out
+class _GraphedStopAt(StopsAtStep, _GraphedOnCPU):
+    """The graphed stand-in, pre-empted once it reaches a given step."""
 
 
 def test_graphed_trainer_run_and_resume_equal_the_eager_run(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support.checkpoints import final_weights
 from support.images import write_textured_tree
-from support.runs import STATEFUL_RUN, config_of, tiny_config
+from support.runs import STATEFUL_RUN, StopsAtStep, config_of, tiny_config
 
 from largebatch.data.batch_decode import decode_jpegs, device_decode_available
 from largebatch.trainer import Trainer
@@ -184,16 +184,8 @@ def test_triton_table_is_not_rebuilt_in_capture_and_graphs_match_eager(tmp_path)
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
-class _StopAt(Trainer):
+class _StopAt(StopsAtStep, Trainer):
     """A real (graphed) Trainer that asks itself to stop, as SIGTERM would, after ``stop_at`` steps."""
-
-    stop_at = 0
-
-    def train_step(self, micro_batches):
-        out = super().train_step(micro_batches)
-        if self.step + 1 == self.stop_at:
-            self._stop_requested = True
-        return out
 
 
 def test_real_capture_through_run_preempt_and_resume(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from support.checkpoints import final_weights, metric_rows
-from support.runs import TINY_DATA, cli_args, config_of, run_process, tiny_config
+from support.runs import TINY_DATA, StopsAtStep, cli_args, config_of, run_process, tiny_config
 
 from largebatch.checkpoint import load_checkpoint, step_checkpoints
 from largebatch.trainer import Trainer, train
@@ -37,16 +37,8 @@ def test_two_processes_equal_accumulation_equal_one_big_micro_batch(tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
 
 
-class _StopAt(Trainer):
+class _StopAt(StopsAtStep, Trainer):
     """A trainer that is pre-empted (as by SIGTERM) once it reaches a given step."""
-
-    stop_at = 0
-
-    def train_step(self, micro_batches):
-        loss = super().train_step(micro_batches)
-        if self.step + 1 == self.stop_at:
-            self._stop_requested = True
-        return loss
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at an epoch boundary

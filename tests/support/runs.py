@@ -72,6 +72,19 @@ def synthetic_args(tmp_path: Path, *extra: str, **options) -> list[str]:
             "--epochs", "1", "--out", str(tmp_path / "run"), *QUICK, *extra]
 
 
+class StopsAtStep:
+    """Mixin for a Trainer subclass: the trainer asks itself to stop, as SIGTERM would, once it
+    reaches step ``stop_at`` (set on the subclass)."""
+
+    stop_at = 0
+
+    def train_step(self, micro_batches):
+        out = super().train_step(micro_batches)
+        if self.step + 1 == self.stop_at:
+            self._stop_requested = True
+        return out
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """The command line in this process: exit status, the last line on stderr, and stdout."""
     code = main(args)
