@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lars_step
-from support.optim import LARS_CASES, NoHostSync
+from support.optim import LARS_CASES, assert_steps_without_sync_or_grad_writes
 
 from largebatch.optim import LARS, lars_trust_ratio, param_groups
 
@@ -137,14 +137,7 @@ def test_step_never_syncs_and_never_writes_grad(path, case, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(t) for t in _tensors(gen, dtype=torch.float32)]
     opt = LARS(params, lr=torch.tensor(0.1), **LARS_CASES[case], **PATHS[path])
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    grads_before = [p.grad.clone() for p in params]
-    with NoHostSync():
-        opt.step()
-        opt.step()
-    for p, g in zip(params, grads_before, strict=True):
-        assert torch.equal(p.grad, g)
+    assert_steps_without_sync_or_grad_writes(opt, params, gen)
 
 
 def test_fused_never_writes_grad(seed):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_published_step, lars_published_step
-from support.optim import NoHostSync
+from support.optim import assert_steps_without_sync_or_grad_writes
 
 from largebatch.optim import LAMB, LARS, VARIANTS, variant
 from largebatch.optim._common import chosen_implementation
@@ -420,14 +420,7 @@ def test_variant_step_never_syncs_and_never_writes_grad(name, path, seed):
     opt = variant(name, params, lr=torch.tensor(0.1), implementation=path)
     if name == "lightly":
         opt.param_groups[0].update(momentum=0.9, dampening=0.1)  # the buffer's first-step rule too
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    grads_before = [p.grad.clone() for p in params]
-    with NoHostSync():
-        opt.step()
-        opt.step()
-    for p, g in zip(params, grads_before, strict=True):
-        assert torch.equal(p.grad, g)
+    assert_steps_without_sync_or_grad_writes(opt, params, gen)
 
 
 def test_the_two_momentum_conventions_agree_at_a_constant_lr_and_part_under_a_schedule(seed):

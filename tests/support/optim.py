@@ -4,6 +4,7 @@ and a multi-step driver over the float64 LARS step in tests/reference.py."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from reference import lars_step
 from torch.overrides import TorchFunctionMode
 
@@ -17,6 +18,18 @@ class NoHostSync(TorchFunctionMode):
         if getattr(func, "__name__", "") in self.FORBIDDEN:
             raise AssertionError(f"host synchronisation inside step(): {func.__name__}")
         return func(*args, **(kwargs or {}))
+
+
+def assert_steps_without_sync_or_grad_writes(opt, params, gen) -> None:
+    """Two steps on random gradients read nothing back to the host and leave every ``p.grad`` as it was."""
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    grads_before = [p.grad.clone() for p in params]
+    with NoHostSync():
+        opt.step()
+        opt.step()
+    for p, g in zip(params, grads_before, strict=True):
+        assert torch.equal(p.grad, g)
 
 
 # the LARS option sets every implementation is checked on (single, foreach, Triton on CPU and GPU)
