@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
+from support.optim import step_with
 
 from largebatch.optim import LAMB, LARS, param_groups
 
@@ -24,11 +25,7 @@ def test_lamb_matches_float64_reference(foreach, weight_decay, seed):
     ref = [(t.numpy().copy(), np.zeros(t.shape), np.zeros(t.shape)) for t in init]
     for t, lr in enumerate([0.01, 0.02, 0.005, 0.03], start=1):
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
+        step_with(opt, params, grads, lr)
         ref = [
             lamb_step(w, g.numpy(), m, v, t, lr=lr, beta1=0.9, beta2=0.99, eps=1e-6,
                       weight_decay=weight_decay, adapt=(i != 1))

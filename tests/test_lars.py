@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lars_step
-from support.optim import LARS_CASES, assert_steps_without_sync_or_grad_writes
+from support.optim import LARS_CASES, assert_steps_without_sync_or_grad_writes, step_with
 
 from largebatch.optim import LARS, lars_trust_ratio, param_groups
 
@@ -46,11 +46,7 @@ def test_matches_float64_reference_over_steps(path, case, seed):
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
         if step == 2:
             grads[4].zero_()  # ||g|| = 0 -> r = 1
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
+        step_with(opt, params, grads, lr)
         for i, g in enumerate(grads):
             excluded = group_of[i] == 1
             ref_w[i], ref_v[i] = lars_step(
@@ -257,11 +253,7 @@ def test_low_precision_params_follow_the_float64_reference(path, dtype, seed):
     ref_v = [np.zeros(t.shape) for t in init]
     for lr in (1.0, 2.0, 1.5):
         grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
+        step_with(opt, params, grads, lr)
         for i, g in enumerate(grads):
             ref_w[i], ref_v[i] = lars_step(ref_w[i], g.double().numpy(), ref_v[i], lr=lr,
                                            momentum=0.9, weight_decay=1e-3, eta=0.05, eps=0.0)

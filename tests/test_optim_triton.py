@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
-from support.optim import LARS_CASES, NoHostSync, lars_reference_steps
+from support.optim import LARS_CASES, NoHostSync, lars_reference_steps, run_steps
 
 from largebatch.optim import LAMB, LARS, param_groups
 from largebatch.optim import _triton as triton_path
@@ -26,15 +26,6 @@ pytestmark = [pytest.mark.usefixtures("interpreter"),
               pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")]
 
 SHAPES = [(6, 4), (9,), (5, 3, 3, 3), (7,), (3, 5)]
-
-
-def _run(opt, params, grads_per_step, lrs):
-    for grads, lr in zip(grads_per_step, lrs, strict=True):
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
 
 
 @pytest.mark.parametrize("case", LARS_CASES)
@@ -52,7 +43,7 @@ def test_lars_matches_float64_reference(case, seed):
     lrs = [0.0, 0.05, 0.4, 1.3, 0.7]
     grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in lrs]
     grads[2][4].zero_()  # ||g|| = 0 -> r = 1
-    _run(opt, params, grads, lrs)
+    run_steps(opt, params, grads, lrs)
     ref = lars_reference_steps(init, grads, lrs, {0: False, 2: False, 4: False, 1: True, 3: True}, opts)
     for i, p in enumerate(params):
         np.testing.assert_allclose(p.detach().double().numpy(), ref[i], rtol=1e-5, atol=1e-6,
@@ -70,7 +61,7 @@ def test_lars_low_precision_follows_the_reference(dtype, case, seed):
     opt = LARS(params, lr=1.0, **opts, implementation="triton")
     lrs = [1.0, 2.0, 1.5]
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in lrs]
-    _run(opt, params, grads, lrs)
+    run_steps(opt, params, grads, lrs)
     ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
     for p, w0, w in zip(params, init, ref, strict=True):
         ulp = torch.finfo(dtype).eps * float(np.abs(w).max())
@@ -100,7 +91,7 @@ def test_lars_awkward_tables(kind, seed):
     opt = LARS(params, lr=0.5, **opts, implementation="triton")
     lrs = [0.5] if kind in ("many_tiny", "large_odd_length") else [0.5, 0.25]  # the interpreter is slow
     grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in lrs]
-    _run(opt, params, grads, lrs)
+    run_steps(opt, params, grads, lrs)
     ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(init)), False), opts)
     for i, p in enumerate(params):
         np.testing.assert_allclose(p.detach().double().numpy(), ref[i], rtol=1e-5, atol=1e-6,
@@ -116,7 +107,7 @@ def test_lars_zero_norms_and_mixed_dtypes_in_one_group(seed):
     opt = LARS(params, lr=0.5, **opts, implementation="triton")
     grads = [[torch.randn(t.shape, generator=gen).to(t.dtype) for t in init]]
     grads[0][1].zero_()  # ||g|| = 0
-    _run(opt, params, grads, [0.5])
+    run_steps(opt, params, grads, [0.5])
     ref = lars_reference_steps(init, grads, [0.5], dict.fromkeys(range(4), False), opts)
     for p, w in zip(params, ref, strict=True):
         atol = 1e-6 if p.dtype == torch.float32 else 4 * 2.0**-8 * float(np.abs(w).max())
@@ -156,7 +147,7 @@ def test_lr_as_a_tensor_equals_lr_as_a_float(seed):
     for lr in (0.25, torch.tensor(0.25)):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt = LARS(params, lr=lr, weight_decay=1e-3, implementation="triton")
-        _run(opt, params, grads, [lr, lr])
+        run_steps(opt, params, grads, [lr, lr])
         out.append(params)
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)
@@ -237,7 +228,7 @@ def test_lamb_matches_float64_reference(weight_decay, seed):
     ref = [(t.double().numpy(), np.zeros(t.shape), np.zeros(t.shape)) for t in init]
     for t, lr in enumerate([0.01, 0.02, 0.005, 0.03], start=1):
         grads = [torch.randn(s, generator=gen) for s in SHAPES]
-        _run(opt, params, [grads], [lr])
+        run_steps(opt, params, [grads], [lr])
         ref = [lamb_step(w, g.double().numpy(), m, v, t, lr=lr, beta1=0.9, beta2=0.99, eps=1e-6,
                          weight_decay=weight_decay, adapt=i not in (1, 3))
                for i, ((w, m, v), g) in enumerate(zip(ref, grads, strict=True))]
@@ -255,7 +246,7 @@ def test_lamb_low_precision_params_move_as_the_reference(dtype, seed):
     for t in range(1, 4):
         raw = [torch.randn(s, generator=gen) for s in SHAPES]
         grads = [(r.sign() * (0.5 + r.abs())).to(dtype) for r in raw]  # no fp16 underflow of g^2/1000
-        _run(opt, params, [grads], [0.1])
+        run_steps(opt, params, [grads], [0.1])
         ref = [lamb_step(w, g.double().numpy(), m, v, t, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6,
                          weight_decay=0.01) for (w, m, v), g in zip(ref, grads, strict=True)]
     for p, w0, (w, _, _) in zip(params, init, ref, strict=True):
@@ -273,7 +264,7 @@ def test_lamb_many_tiny_tensors_and_an_empty_one(seed):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt = LAMB(params, lr=0.01, weight_decay=0.01, implementation=implementation)
         g2 = torch.Generator().manual_seed(seed + 1)
-        _run(opt, params, [[torch.randn(t.shape, generator=g2) for t in init]], [0.01])
+        run_steps(opt, params, [[torch.randn(t.shape, generator=g2) for t in init]], [0.01])
         runs.append(params)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

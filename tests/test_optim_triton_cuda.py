@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from reference import lamb_step
-from support.optim import LARS_CASES, lars_reference_steps
+from support.optim import LARS_CASES, lars_reference_steps, run_steps
 
 from largebatch.optim import LAMB, LARS
 
@@ -27,15 +27,6 @@ def _tolerance(dtype: torch.dtype, w: np.ndarray) -> dict:
     return {"rtol": 0, "atol": 4 * torch.finfo(dtype).eps * float(np.abs(w).max(initial=1.0))}
 
 
-def _steps(opt, params, grads_per_step, lrs):
-    for grads, lr in zip(grads_per_step, lrs, strict=True):
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.cuda()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", sorted(LARS_CASES))
 def test_lars_on_the_gpu_matches_float64(case, dtype, seed):
@@ -46,7 +37,7 @@ def test_lars_on_the_gpu_matches_float64(case, dtype, seed):
     opt = LARS(params, lr=1.0, **opts, implementation="triton")
     lrs = [0.5, 1.0, 0.25]
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in lrs]
-    _steps(opt, params, grads, lrs)
+    run_steps(opt, params, grads, lrs)
     ref = lars_reference_steps(init, grads, lrs, dict.fromkeys(range(len(SHAPES)), False), opts)
     for i, (p, w) in enumerate(zip(params, ref, strict=True)):
         np.testing.assert_allclose(p.detach().cpu().double().numpy(), w, **_tolerance(dtype, w),
@@ -64,7 +55,7 @@ def test_lamb_on_the_gpu_matches_float64(weight_decay, dtype, seed):
     for t in range(1, 4):
         raw = [torch.randn(s, generator=gen) for s in SHAPES]
         grads = [(r.sign() * (0.5 + r.abs())).to(dtype) for r in raw]  # no fp16 underflow of g^2
-        _steps(opt, params, [grads], [0.05])
+        run_steps(opt, params, [grads], [0.05])
         ref = [lamb_step(w, g.double().numpy(), m, v, t, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-6,
                          weight_decay=weight_decay) for (w, m, v), g in zip(ref, grads, strict=True)]
     for i, (p, (w, _, _)) in enumerate(zip(params, ref, strict=True)):

@@ -20,6 +20,21 @@ class NoHostSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def step_with(opt, params, grads, lr) -> None:
+    """One optimizer step on these gradients (copied onto each parameter's device) at this lr."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.to(p.device, copy=True)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+
+
+def run_steps(opt, params, grads_per_step, lrs) -> None:
+    """``step_with`` for each step's gradients and lr in turn."""
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
+        step_with(opt, params, grads, lr)
+
+
 def assert_steps_without_sync_or_grad_writes(opt, params, gen) -> None:
     """Two steps on random gradients read nothing back to the host and leave every ``p.grad`` as it was."""
     for p in params:
