@@ -136,6 +136,11 @@ def _check(got, want, init, dtype):
             assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-3), f"tensor {i}"
 
 
+def _as_held(init, dtype):
+    """The starting weights as the optimizer holds them (rounded to float32 for a float32 run), in float64."""
+    return [w.astype(np.float32).astype(np.float64) if dtype == torch.float32 else w for w in init]
+
+
 PATHS = ["single", "foreach"]
 DTYPES = [torch.float64, torch.float32]
 
@@ -149,7 +154,7 @@ def test_lars_variant_follows_its_codebase_formula_under_a_changing_lr(name, pat
     factory = lambda ps: variant(name, ps, lr=0.0, weight_decay=1e-3, implementation=path)  # noqa: E731
     got, _ = _run(factory, [w.astype(np.float32 if dtype == torch.float32 else np.float64) for w in init],
                   grads, dtype, peak=2.0)
-    start = [w.astype(np.float32).astype(np.float64) if dtype == torch.float32 else w for w in init]
+    start = _as_held(init, dtype)
     want = _lars_reference(expected, start, grads, 2.0, 1e-3)
     _check(got, want, start, dtype)
 
@@ -162,7 +167,7 @@ def test_lamb_variant_follows_its_codebase_formula_under_a_changing_lr(name, pat
     expected = LAMB_PUBLISHED[name]
     factory = lambda ps: variant(name, ps, weight_decay=0.01, implementation=path)  # noqa: E731
     got, _ = _run(factory, init, grads, dtype, peak=0.05)
-    start = [w.astype(np.float32).astype(np.float64) if dtype == torch.float32 else w for w in init]
+    start = _as_held(init, dtype)
     want = _lamb_reference(expected, start, grads, 0.05, 0.01)
     _check(got, want, start, dtype)
 
