@@ -84,20 +84,16 @@ class MetricsWriter:
         if self.jsonl_path.exists():
             rows = read_jsonl(self.jsonl_path, notice=self._notice)  # a bad row: an error; a torn last one: a notice
             _cut_at(self.jsonl_path, _jsonl_offset_after(self.jsonl_path.read_bytes(), step))
-        csv_rows = self._csv_rows()
-        # never silently start the history mid-run; but a run stopped before its first log step wrote no row
-        if step > 0 and not rows and csv_rows != 0 and self._notice is not None:
+        csv_data = self.csv_path.read_bytes() if self.csv_path.exists() else None
+        # never silently start the history mid-run; but a run stopped before its first log step wrote
+        # no row in either file (with metrics.csv missing too, nobody can tell: say it)
+        csv_has_rows = csv_data is None or len(csv_data.splitlines()) > 1  # more than its header
+        if step > 0 and not rows and csv_has_rows and self._notice is not None:
             state = "is empty" if self.jsonl_path.exists() else "is missing"
             self._notice(f"{self.jsonl_path} {state}: its rows up to step {step} are lost"
-                         + (f" ({self.csv_path.name} keeps its own)" if self.csv_path.exists() else ""))
-        if self.csv_path.exists():
-            _cut_at(self.csv_path, _csv_offset_after(self.csv_path.read_bytes(), step))
-
-    def _csv_rows(self) -> int | None:
-        """Data rows in metrics.csv (None when it is missing: then nobody can tell what was written)."""
-        if not self.csv_path.exists():
-            return None
-        return max(0, len(self.csv_path.read_bytes().splitlines()) - 1)
+                         + (f" ({self.csv_path.name} keeps its own)" if csv_data is not None else ""))
+        if csv_data is not None:
+            _cut_at(self.csv_path, _csv_offset_after(csv_data, step))
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row`` to both files, whole or not at all; a failure goes to ``error``."""
